@@ -1,0 +1,1 @@
+"""Kafka consumers: the usage-events writer (Kafka -> Postgres)."""

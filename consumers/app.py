@@ -1,0 +1,130 @@
+"""`metering consume`: the FastStream batch subscriber on the events topic.
+
+Transport only: it hands each batch of raw records to `BatchWriter` and lets FastStream
+commit the offsets after the handler returns (AckPolicy.NACK_ON_ERROR: on an exception the
+consumer seeks back to the batch's first record of each partition and nothing is committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import date
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from prometheus_client import CollectorRegistry, start_http_server
+
+from metering.config import Settings
+from metering.metrics import ConsumerMetrics
+from metering.retry import retry_until_done
+from metering.storage.events import EventStore
+from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
+
+from consumers.dead_letters import DeadLetterPublisher
+from consumers.writer import BatchWriter
+
+log = logging.getLogger("metering.consumer")
+KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
+# After an unexpected error the batch is re-read; wait so a poison bug cannot spin the CPU.
+UNEXPECTED_ERROR_PAUSE_SECONDS = 2.0
+
+
+def _month(day: date, months: int) -> date:
+    index = day.year * 12 + day.month - 1 + months
+    return date(index // 12, index % 12 + 1, 1)
+
+
+async def _report_lag(consumer: Any, metrics: ConsumerMetrics) -> None:
+    for partition in consumer.assignment():
+        high = consumer.highwater(partition)
+        if high is None:
+            continue
+        position = await consumer.position(partition)
+        metrics.lag.labels(partition.topic, str(partition.partition)).set(max(high - position, 0))
+
+
+def build_consumer(settings: Settings, registry: CollectorRegistry | None = None) -> FastStream:
+    """The writer application: broker, subscriber, and a lifespan owning pool and producer."""
+    registry = registry or CollectorRegistry()
+    metrics = ConsumerMetrics(registry)
+    broker = KafkaBroker(
+        settings.kafka_bootstrap_servers,
+        middlewares=[KafkaPrometheusMiddleware(registry=registry, app_name="metering-consumer")],
+        log_level=logging.DEBUG,
+    )
+    state: dict[str, BatchWriter] = {}
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        server, thread = start_http_server(settings.metrics_port, registry=registry)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
+        dependencies = metrics.dependencies
+        pool = await retry_until_done(
+            lambda: create_pool(settings, max_size=4),
+            dependency="postgres", transient=TRANSIENT_DB_ERRORS, metrics=dependencies,
+            min_delay=settings.retry_min_seconds, max_delay=settings.retry_max_seconds,
+        )
+        store = EventStore(pool)
+        today = date.today()
+        await store.ensure_partitions(_month(today, -2), _month(today, 2))
+        dead_letters = DeadLetterPublisher(settings)
+        await retry_until_done(
+            dead_letters.start,
+            dependency="kafka", transient=KAFKA_TRANSIENT_ERRORS, metrics=dependencies,
+            min_delay=settings.retry_min_seconds, max_delay=settings.retry_max_seconds,
+        )
+        state["writer"] = BatchWriter(settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS)
+        log.info(
+            "consuming %s as group %s into %s",
+            settings.events_topic, settings.consumer_group, settings.database_name,
+        )
+        try:
+            yield
+        finally:
+            await dead_letters.stop()
+            await pool.close()
+            server.shutdown()
+            thread.join(timeout=5)
+
+    @broker.subscriber(
+        settings.events_topic,
+        group_id=settings.consumer_group,
+        batch=True,
+        max_records=settings.consumer_batch_size,
+        batch_timeout_ms=settings.consumer_batch_timeout_ms,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_wait_ms=50,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=2_000,
+    )
+    async def write_usage_events(message: KafkaMessage) -> None:
+        records = message.raw_message
+        if not isinstance(records, tuple):
+            records = (records,)
+        try:
+            outcome = await state["writer"].process(records)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unexpected error writing a batch; it will be read again")
+            await asyncio.sleep(UNEXPECTED_ERROR_PAUSE_SECONDS)
+            raise
+        log.debug("batch: %s", outcome)
+        await _report_lag(message.consumer, metrics)
+
+    return FastStream(broker, lifespan=lifespan)
+
+
+async def run_consumer(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM; in-flight batches finish or are re-read after restart."""
+    await build_consumer(settings).run()
+
+

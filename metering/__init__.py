@@ -1,0 +1,3 @@
+"""Usage metering: every usage event stored exactly once, rolled up, checked against limits."""
+
+__version__ = "0.1.0"

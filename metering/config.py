@@ -1,0 +1,88 @@
+"""The one place configuration is read from the environment.
+
+Every process builds a `Settings` once at start-up and passes it (or the parts it needs)
+inward; nothing else reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse `35d`, `12h`, `90m` or `30s` into a timedelta; raise ValueError otherwise."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration like '35d', '12h', '90m' or '30s': {text!r}")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+class Settings(BaseSettings):
+    """Service configuration, from `METERING_*` environment variables (contract section 7)."""
+
+    model_config = SettingsConfigDict(env_prefix="METERING_", extra="ignore")
+
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/metering")
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    events_topic: str = "usage.events"
+    dlq_topic: str = "usage.events.dlq"
+    limits_topic: str = "usage.limits"
+    lateness_window: timedelta = timedelta(days=35)
+    future_tolerance: timedelta = timedelta(minutes=5)
+    http_port: int = 8080
+    metrics_port: int = 9101
+
+    consumer_group: str = "metering-writer"
+    # Upper bound of one write transaction; bigger batches amortise the round trip and
+    # the transaction commit, smaller ones cut end-to-end latency.
+    consumer_batch_size: int = Field(default=2000, ge=1, le=50_000)
+    consumer_batch_timeout_ms: int = Field(default=100, ge=1)
+    # Back-off while Postgres or Kafka is unavailable: doubles from min to max.
+    retry_min_seconds: float = 0.2
+    retry_max_seconds: float = 5.0
+
+    events_partitions: int = Field(default=6, ge=1)
+    dev_dir: Path = Path(".dev")
+    dev_kafka_controller_port: int = 9093
+    kafka_jars_dir: Path = Path.home() / ".cache" / "metering" / "kafka-4.1.1"
+
+    @field_validator("lateness_window", "future_tolerance", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if isinstance(value, str) and _DURATION.match(value):
+            return parse_duration(value)
+        return value
+
+    @cached_property
+    def kafka_port(self) -> int:
+        """Port of the first bootstrap server; `metering dev up` listens there."""
+        first = self.kafka_bootstrap_servers.split(",")[0]
+        return int(first.rsplit(":", 1)[1])
+
+    @cached_property
+    def database_port(self) -> int:
+        return urlsplit(self.database_url.get_secret_value()).port or 5432
+
+    @cached_property
+    def database_name(self) -> str:
+        return urlsplit(self.database_url.get_secret_value()).path.lstrip("/") or "postgres"
+
+    def admin_database_url(self) -> str:
+        """The same server, database `postgres`: used to create the service database."""
+        parts = urlsplit(self.database_url.get_secret_value())
+        return parts._replace(path="/postgres").geturl()
+
+
+def load_settings() -> Settings:
+    """Read the environment once. Raise pydantic.ValidationError naming the bad variable."""
+    return Settings()

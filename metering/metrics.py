@@ -1,0 +1,70 @@
+"""Domain metrics. Each process creates one explicit `CollectorRegistry` and passes it in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class DependencyMetrics:
+    """Retries and availability of Postgres and Kafka, shared by every process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.retries = Counter(
+            "metering_dependency_retries",
+            "Operations retried because a dependency (postgres, kafka) was unavailable.",
+            ["dependency"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "metering_dependency_up",
+            "1 while the last operation against the dependency succeeded, 0 while retrying.",
+            ["dependency"],
+            registry=registry,
+        )
+
+
+class ConsumerMetrics:
+    """What the Kafka -> Postgres writer did; `reconcile` and alerts read these."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dependencies = DependencyMetrics(registry)
+        self.messages = Counter(
+            "metering_consumer_messages",
+            "Kafka messages consumed from the events topic (valid or not).",
+            registry=registry,
+        )
+        self.stored = Counter(
+            "metering_events_stored", "Events newly stored in usage_events.", registry=registry
+        )
+        self.duplicates = Counter(
+            "metering_events_duplicate",
+            "Valid events not stored again because their (org_id, id) was already stored.",
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "metering_events_dead_lettered",
+            "Invalid messages sent to the dead-letter topic, by reason code.",
+            ["reason"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "metering_batch_size_events",
+            "Messages per consumed batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.write_seconds = Histogram(
+            "metering_batch_write_seconds",
+            "Time to write one batch to Postgres (one transaction), including retries.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "metering_consumer_lag_messages",
+            "Messages in the partition not yet consumed (high watermark - position).",
+            ["topic", "partition"],
+            registry=registry,
+        )

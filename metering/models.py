@@ -1,0 +1,245 @@
+"""The usage event of contract section 1, and the one validator every entry point uses.
+
+`parse_event` turns raw bytes into a `UsageEvent` or raises `InvalidEvent` with a stable
+code. It never raises anything else, whatever the input (a hypothesis property holds it to
+that), so one bad message can never take a good one down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from metering.errors import InvalidEvent
+
+MAX_EVENT_BYTES = 16 * 1024
+MAX_SIGNIFICANT_DIGITS = 18
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# RFC 3339 date-time: full date, 'T' or space, full time with seconds, mandatory offset.
+RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?(?P<offset>[Zz]|[+-]\d{2}:\d{2})?$"
+)
+
+
+class EventType(StrEnum):
+    API_CALL = "api_call"
+    RECORD_CREATED = "record_created"
+    AUTOMATION_RUN = "automation_run"
+    SCHEDULE_EXECUTED = "schedule_executed"
+    AI_TOKENS_USED = "ai_tokens_used"
+    STORAGE_USED = "storage_used"
+    USER_ACTIVE = "user_active"
+
+
+class UsageEvent(BaseModel):
+    """One accepted usage event. Instances are valid by construction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    type: EventType
+    org_id: UUID
+    user_id: UUID | None = None
+    quantity: Decimal = Decimal(1)
+    occurred_at: datetime
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id(cls, value: object) -> object:
+        if not isinstance(value, str) or not ID_PATTERN.match(value):
+            raise PydanticCustomError(
+                "invalid_id", "id must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+            )
+        return value
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type(cls, value: object) -> object:
+        if not isinstance(value, str) or value not in EventType._value2member_map_:
+            allowed = ", ".join(t.value for t in EventType)
+            raise PydanticCustomError("invalid_type", "type must be one of: {allowed}", {"allowed": allowed})
+        return value
+
+    @field_validator("org_id", "user_id", mode="before")
+    @classmethod
+    def _uuid(cls, value: object) -> object:
+        if value is None or isinstance(value, UUID):
+            return value
+        if not isinstance(value, str):
+            raise PydanticCustomError("invalid_uuid", "must be a UUID string")
+        try:
+            return UUID(value)
+        except ValueError:
+            raise PydanticCustomError("invalid_uuid", "must be a UUID string") from None
+
+    @field_validator("quantity", mode="before")
+    @classmethod
+    def _quantity(cls, value: object) -> Decimal:
+        # bool is an int subclass; strings are refused so "5" cannot pass for 5.
+        if isinstance(value, bool) or not isinstance(value, int | Decimal):
+            raise PydanticCustomError("invalid_quantity", "quantity must be a JSON number")
+        number = Decimal(value)
+        if not number.is_finite():
+            raise PydanticCustomError("invalid_quantity", "quantity must be finite")
+        if number < 0:
+            raise PydanticCustomError("negative_quantity", "quantity must be >= 0")
+        if len(number.normalize().as_tuple().digits) > MAX_SIGNIFICANT_DIGITS and number != 0:
+            raise PydanticCustomError(
+                "quantity_too_precise", "quantity has more than 18 significant digits"
+            )
+        if number.adjusted() > 30:
+            raise PydanticCustomError("invalid_quantity", "quantity is too large (max 1e30)")
+        return number
+
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _occurred_at(cls, value: object) -> datetime:
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise PydanticCustomError("timestamp_without_offset", "occurred_at needs an offset")
+            return value
+        if not isinstance(value, str):
+            raise PydanticCustomError("invalid_timestamp", "occurred_at must be an RFC 3339 string")
+        match = RFC3339.match(value)
+        if match is None:
+            raise PydanticCustomError(
+                "invalid_timestamp", "occurred_at must be RFC 3339, e.g. 2026-01-31T23:59:59Z"
+            )
+        if match.group("offset") is None:
+            raise PydanticCustomError(
+                "timestamp_without_offset", "occurred_at must carry an offset (Z or +hh:mm)"
+            )
+        try:
+            parsed = datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+        except ValueError:
+            raise PydanticCustomError("invalid_timestamp", "occurred_at is not a real date") from None
+        return parsed
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: object) -> object:
+        if value is not None and not isinstance(value, dict):
+            raise PydanticCustomError("invalid_metadata", "metadata must be a JSON object")
+        return value
+
+    @model_validator(mode="after")
+    def _rules_across_fields(self) -> UsageEvent:
+        if self.type is EventType.USER_ACTIVE and self.user_id is None:
+            raise PydanticCustomError("user_required", "user_active events need a user_id")
+        return self
+
+    def to_json(self) -> bytes:
+        """Serialise to the wire form of contract section 1 (exact decimals, RFC 3339)."""
+        body: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type.value,
+            "org_id": str(self.org_id),
+            "user_id": str(self.user_id) if self.user_id is not None else None,
+            "occurred_at": self.occurred_at.isoformat(),
+        }
+        if self.metadata is not None:
+            body["metadata"] = self.metadata
+        # json has no decimal type and floats would round: splice in the exact digits.
+        head = json.dumps(body, separators=(",", ":"), default=json_default)[:-1]
+        return f'{head},"quantity":{format(self.quantity, "f")}}}'.encode()
+
+
+def json_default(value: object) -> object:
+    """`json.dumps` default for Decimals parsed from metadata: ints stay exact, others float."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _pydantic_to_invalid(error: ValidationError) -> InvalidEvent:
+    first = error.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first["loc"]) or None
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return InvalidEvent("unknown_field", f"unknown field '{loc}' (a typo must not pass)", loc)
+    if kind == "missing":
+        return InvalidEvent("missing_field", f"required field '{loc}' is missing", loc)
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return InvalidEvent("not_object", "the event must be a JSON object", loc)
+    where = f"{loc}: " if loc else ""
+    return InvalidEvent(kind, f"{where}{first['msg']}", loc)
+
+
+def parse_event(
+    raw: bytes | bytearray | memoryview | None,
+    *,
+    now: datetime,
+    lateness_window: timedelta,
+    future_tolerance: timedelta = timedelta(minutes=5),
+) -> UsageEvent:
+    """Validate one message against contract section 1.
+
+    Returns the event, or raises `InvalidEvent` whose `code` says which rule broke.
+    Raises nothing else for any input.
+    """
+    if raw is None:
+        raise InvalidEvent("empty", "the message has no value")
+    data = bytes(raw)
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidEvent("too_large", f"event is {len(data)} bytes; the limit is 16 KiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidEvent("not_utf8", f"not UTF-8 at byte {error.start}") from None
+    try:
+        document = json.loads(text, parse_float=Decimal, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, InvalidOperation) as error:
+        raise InvalidEvent("not_json", f"not JSON: {str(error)[:200]}") from None
+    return validate_event(
+        document, now=now, lateness_window=lateness_window, future_tolerance=future_tolerance
+    )
+
+
+def validate_event(
+    document: object,
+    *,
+    now: datetime,
+    lateness_window: timedelta,
+    future_tolerance: timedelta = timedelta(minutes=5),
+) -> UsageEvent:
+    """Validate an already-decoded JSON document; same promise as `parse_event`."""
+    if not isinstance(document, dict):
+        raise InvalidEvent("not_object", "the event must be a JSON object")
+    try:
+        event = UsageEvent.model_validate(document)
+    except ValidationError as error:
+        raise _pydantic_to_invalid(error) from None
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
+        raise InvalidEvent("invalid_event", str(error)[:200]) from None
+    occurred = event.occurred_at
+    if occurred > now + future_tolerance:
+        raise InvalidEvent(
+            "timestamp_in_future",
+            f"occurred_at {occurred.isoformat()} is more than {future_tolerance} ahead of now",
+            "occurred_at",
+        )
+    if occurred < now - lateness_window:
+        raise InvalidEvent(
+            "timestamp_too_old",
+            f"occurred_at {occurred.isoformat()} is older than the lateness window "
+            f"({lateness_window.days} days)",
+            "occurred_at",
+        )
+    return event
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,47 @@
+"""Retry with exponential back-off while a dependency is down: never skip, never give up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from metering.errors import DependencyUnavailable
+from metering.metrics import DependencyMetrics
+
+T = TypeVar("T")
+log = logging.getLogger("metering.retry")
+
+
+async def retry_until_done(
+    operation: Callable[[], Awaitable[T]],
+    *,
+    dependency: str,
+    transient: tuple[type[BaseException], ...],
+    metrics: DependencyMetrics,
+    min_delay: float,
+    max_delay: float,
+) -> T:
+    """Run `operation` until it succeeds, sleeping min_delay, 2x, 4x... up to max_delay
+    after each transient failure. Other exceptions propagate at once; cancellation
+    (shutdown) propagates too, so nothing after the failed step runs.
+    """
+    delay = min_delay
+    attempt = 0
+    while True:
+        try:
+            result = await operation()
+        except transient as error:
+            attempt += 1
+            metrics.retries.labels(dependency).inc()
+            metrics.up.labels(dependency).set(0)
+            unavailable = DependencyUnavailable(dependency, f"{type(error).__name__}: {error}", delay)
+            log.warning("%s (attempt %d); nothing is committed until it succeeds", unavailable, attempt)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        if attempt:
+            log.warning("%s is back after %d retries; resuming", dependency, attempt)
+        metrics.up.labels(dependency).set(1)
+        return result

@@ -1,0 +1,53 @@
+"""Creating the service's Kafka topics with their partition counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from metering.config import Settings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """The topics of contract section 3.
+
+    `usage.events` gets `METERING_EVENTS_PARTITIONS` (default 6) partitions: the consumer
+    group scales to that many writers, 6 divides evenly among 1, 2, 3 or 6 consumers, and
+    since the key is org_id each organization stays on one partition (one writer, in order)
+    whatever the count. The DLQ and limits topics carry little traffic: 3 partitions.
+    """
+    return [
+        TopicSpec(settings.events_topic, settings.events_partitions,
+                  {"retention.ms": str(7 * 24 * 3600 * 1000), "min.insync.replicas": "1"}),
+        TopicSpec(settings.dlq_topic, 3, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+        TopicSpec(settings.limits_topic, 3, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+    ]
+
+
+async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:
+    """Create the topics that do not exist yet; return the names created now."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [spec for spec in (specs or topic_specs(settings)) if spec.name not in existing]
+        if not wanted:
+            return []
+        try:
+            await admin.create_topics(
+                [NewTopic(s.name, s.partitions, 1, topic_configs=s.config) for s in wanted]
+            )
+        except TopicAlreadyExistsError:
+            pass
+        return [spec.name for spec in wanted]
+    finally:
+        await admin.close()

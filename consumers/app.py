@@ -20,14 +20,13 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry, start_http_server
 
+from consumers.dead_letters import DeadLetterPublisher
+from consumers.writer import BatchWriter
 from metering.config import Settings
 from metering.metrics import ConsumerMetrics
 from metering.retry import retry_until_done
 from metering.storage.events import EventStore
 from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
-
-from consumers.dead_letters import DeadLetterPublisher
-from consumers.writer import BatchWriter
 
 log = logging.getLogger("metering.consumer")
 KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
@@ -67,8 +66,11 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         dependencies = metrics.dependencies
         pool = await retry_until_done(
             lambda: create_pool(settings, max_size=4),
-            dependency="postgres", transient=TRANSIENT_DB_ERRORS, metrics=dependencies,
-            min_delay=settings.retry_min_seconds, max_delay=settings.retry_max_seconds,
+            dependency="postgres",
+            transient=TRANSIENT_DB_ERRORS,
+            metrics=dependencies,
+            min_delay=settings.retry_min_seconds,
+            max_delay=settings.retry_max_seconds,
         )
         store = EventStore(pool)
         today = date.today()
@@ -76,13 +78,20 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         dead_letters = DeadLetterPublisher(settings)
         await retry_until_done(
             dead_letters.start,
-            dependency="kafka", transient=KAFKA_TRANSIENT_ERRORS, metrics=dependencies,
-            min_delay=settings.retry_min_seconds, max_delay=settings.retry_max_seconds,
+            dependency="kafka",
+            transient=KAFKA_TRANSIENT_ERRORS,
+            metrics=dependencies,
+            min_delay=settings.retry_min_seconds,
+            max_delay=settings.retry_max_seconds,
         )
-        state["writer"] = BatchWriter(settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS)
+        state["writer"] = BatchWriter(
+            settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS
+        )
         log.info(
             "consuming %s as group %s into %s",
-            settings.events_topic, settings.consumer_group, settings.database_name,
+            settings.events_topic,
+            settings.consumer_group,
+            settings.database_name,
         )
         try:
             yield
@@ -126,5 +135,3 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
 async def run_consumer(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM; in-flight batches finish or are re-read after restart."""
     await build_consumer(settings).run()
-
-

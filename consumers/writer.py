@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from consumers.dead_letters import DeadLetter, DeadLetterPublisher
 from metering.config import Settings
 from metering.errors import InvalidEvent
 from metering.metrics import ConsumerMetrics
@@ -29,8 +30,6 @@ from metering.models import parse_event, utc_now
 from metering.retry import retry_until_done
 from metering.storage.events import EventStore, IncomingEvent, WriteResult
 from metering.storage.pool import TRANSIENT_DB_ERRORS
-
-from consumers.dead_letters import DeadLetter, DeadLetterPublisher
 
 log = logging.getLogger("metering.consumer")
 
@@ -75,8 +74,15 @@ def split_batch(
             )
         except InvalidEvent as error:
             invalid.append(
-                DeadLetter(record.value, record.key, error.code, error.reason,
-                           record.topic, record.partition, record.offset)
+                DeadLetter(
+                    record.value,
+                    record.key,
+                    error.code,
+                    error.reason,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
             )
             continue
         valid.append(IncomingEvent(event, record.partition, record.offset))
@@ -137,6 +143,10 @@ class BatchWriter:
                 self._metrics.dead_lettered.labels(letter.code).inc()
                 log.info(
                     "dead-lettered %s[%d]@%d: %s (%s)",
-                    letter.topic, letter.partition, letter.offset, letter.code, letter.reason,
+                    letter.topic,
+                    letter.partition,
+                    letter.offset,
+                    letter.code,
+                    letter.reason,
                 )
         return BatchOutcome(len(records), result.stored, result.duplicates, len(invalid))

@@ -148,7 +148,12 @@ def migrate(ctx: click.Context) -> None:
 
 # ------------------------------------------------------------- consume
 @cli.command()
-@click.option("--metrics-port", type=int, default=None, help="Port for /metrics (default METERING_METRICS_PORT).")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Port for /metrics (default METERING_METRICS_PORT).",
+)
 @click.pass_context
 def consume(ctx: click.Context, metrics_port: int | None) -> None:
     """Write usage events from Kafka to Postgres, exactly once, until Ctrl-C / SIGTERM.
@@ -174,14 +179,29 @@ def consume(ctx: click.Context, metrics_port: int | None) -> None:
 @click.option("--at", "occurred_at", default=None, help="RFC 3339 time (default: now).")
 @click.option("--count", type=int, default=None, help="Send N synthetic events instead of one.")
 @click.option("--orgs", type=int, default=10, show_default=True, help="Synthetic: number of orgs.")
-@click.option("--duplicates", type=float, default=0.0, show_default=True,
-              help="Synthetic: fraction of events re-sent with the same id.")
-@click.option("--seed", type=int, default=None, help="Synthetic: random seed (same seed, same events).")
+@click.option(
+    "--duplicates",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Synthetic: fraction of events re-sent with the same id.",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Synthetic: random seed (same seed, same events)."
+)
 @click.pass_context
 def send(
-    ctx: click.Context, org_id: str | None, event_type: str, quantity: str, user_id: str | None,
-    event_id: str | None, occurred_at: str | None, count: int | None, orgs: int,
-    duplicates: float, seed: int | None,
+    ctx: click.Context,
+    org_id: str | None,
+    event_type: str,
+    quantity: str,
+    user_id: str | None,
+    event_id: str | None,
+    occurred_at: str | None,
+    count: int | None,
+    orgs: int,
+    duplicates: float,
+    seed: int | None,
 ) -> None:
     """Publish usage events to Kafka: one (--org ...) or N synthetic (--count N).
 
@@ -197,12 +217,18 @@ def send(
     async def one() -> None:
         async with UsageClient(settings) as client:
             event = client.build(
-                org_id=org_id or "", type=event_type, quantity=Decimal(quantity),
-                user_id=user_id, id=event_id,
+                org_id=org_id or "",
+                type=event_type,
+                quantity=Decimal(quantity),
+                user_id=user_id,
+                id=event_id,
                 occurred_at=datetime.fromisoformat(occurred_at) if occurred_at else None,
             )
             await client.send_event(event)
-            click.echo(f"sent {event.type.value} id={event.id} org={event.org_id} quantity={event.quantity}")
+            click.echo(
+                f"sent {event.type.value} id={event.id} org={event.org_id} "
+                f"quantity={event.quantity}"
+            )
 
     async def many(n: int) -> None:
         from tqdm import tqdm
@@ -210,8 +236,15 @@ def send(
         rng = random.Random(seed)
         org_ids = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(orgs)]
         users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(50)]
-        types = ["api_call", "record_created", "automation_run", "schedule_executed",
-                 "ai_tokens_used", "storage_used", "user_active"]
+        types = [
+            "api_call",
+            "record_created",
+            "automation_run",
+            "schedule_executed",
+            "ai_tokens_used",
+            "storage_used",
+            "user_active",
+        ]
         sent_ids: list[tuple[uuid.UUID, str]] = []
         async with UsageClient(settings, linger_ms=20) as client:
             with tqdm(total=n, unit="ev", desc="sending", file=sys.stderr) as bar:
@@ -222,8 +255,11 @@ def send(
                     else:
                         kind = rng.choice(types)
                         event = client.build(
-                            org_id=rng.choice(org_ids), type=kind,
-                            quantity=rng.randint(1, 5_000_000) if kind == "storage_used" else rng.randint(1, 20),
+                            org_id=rng.choice(org_ids),
+                            type=kind,
+                            quantity=rng.randint(1, 5_000_000)
+                            if kind == "storage_used"
+                            else rng.randint(1, 20),
                             user_id=rng.choice(users) if kind == "user_active" else None,
                         )
                         sent_ids.append((event.org_id, event.id))
@@ -242,12 +278,22 @@ def send(
 
 # ------------------------------------------------------------------ run
 @cli.command()
+@click.option(
+    "--demo", is_flag=True, help="Also publish sample events and say how to look at them."
+)
 @click.pass_context
-def run(ctx: click.Context) -> None:
-    """Run every process of the service (today: the consumer) until Ctrl-C."""
-    from consumers.app import run_consumer
+def run(ctx: click.Context, demo: bool) -> None:
+    """Run every process of the service in one process tree with one log, until Ctrl-C."""
+    from metering.demo import publish_samples
+    from metering.supervisor import service_children, supervise
 
-    _run(run_consumer(_settings(ctx)))
+    settings = _settings(ctx)
+
+    async def main() -> int:
+        after = publish_samples(settings) if demo else None
+        return await supervise(service_children(settings), after_start=after)
+
+    sys.exit(_run(main()))
 
 
 def main() -> None:

@@ -66,7 +66,9 @@ class UsageEvent(BaseModel):
     def _type(cls, value: object) -> object:
         if not isinstance(value, str) or value not in EventType._value2member_map_:
             allowed = ", ".join(t.value for t in EventType)
-            raise PydanticCustomError("invalid_type", "type must be one of: {allowed}", {"allowed": allowed})
+            raise PydanticCustomError(
+                "invalid_type", "type must be one of: {allowed}", {"allowed": allowed}
+            )
         return value
 
     @field_validator("org_id", "user_id", mode="before")
@@ -121,7 +123,9 @@ class UsageEvent(BaseModel):
         try:
             parsed = datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
         except ValueError:
-            raise PydanticCustomError("invalid_timestamp", "occurred_at is not a real date") from None
+            raise PydanticCustomError(
+                "invalid_timestamp", "occurred_at is not a real date"
+            ) from None
         return parsed
 
     @field_validator("metadata", mode="before")

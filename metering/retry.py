@@ -36,8 +36,12 @@ async def retry_until_done(
             attempt += 1
             metrics.retries.labels(dependency).inc()
             metrics.up.labels(dependency).set(0)
-            unavailable = DependencyUnavailable(dependency, f"{type(error).__name__}: {error}", delay)
-            log.warning("%s (attempt %d); nothing is committed until it succeeds", unavailable, attempt)
+            unavailable = DependencyUnavailable(
+                dependency, f"{type(error).__name__}: {error}", delay
+            )
+            log.warning(
+                "%s (attempt %d); nothing is committed until it succeeds", unavailable, attempt
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay)
             continue

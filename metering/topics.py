@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -26,8 +27,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     whatever the count. The DLQ and limits topics carry little traffic: 3 partitions.
     """
     return [
-        TopicSpec(settings.events_topic, settings.events_partitions,
-                  {"retention.ms": str(7 * 24 * 3600 * 1000), "min.insync.replicas": "1"}),
+        TopicSpec(
+            settings.events_topic,
+            settings.events_partitions,
+            {"retention.ms": str(7 * 24 * 3600 * 1000), "min.insync.replicas": "1"},
+        ),
         TopicSpec(settings.dlq_topic, 3, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
         TopicSpec(settings.limits_topic, 3, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
     ]
@@ -42,12 +46,11 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None
         wanted = [spec for spec in (specs or topic_specs(settings)) if spec.name not in existing]
         if not wanted:
             return []
-        try:
+        # another process may create the same topic at the same moment: that is fine
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(
                 [NewTopic(s.name, s.partitions, 1, topic_configs=s.config) for s in wanted]
             )
-        except TopicAlreadyExistsError:
-            pass
         return [spec.name for spec in wanted]
     finally:
         await admin.close()

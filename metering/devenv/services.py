@@ -124,9 +124,18 @@ class DevServices:
         with resources.as_file(pom) as pom_path:
             _log(f"resolving Kafka jars from Maven Central into {jars} (once)")
             result = subprocess.run(
-                ["mvn", "-q", "-B", "-f", str(pom_path), "dependency:copy-dependencies",
-                 f"-DoutputDirectory={jars}"],
-                capture_output=True, text=True, check=False,
+                [
+                    "mvn",
+                    "-q",
+                    "-B",
+                    "-f",
+                    str(pom_path),
+                    "dependency:copy-dependencies",
+                    f"-DoutputDirectory={jars}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
         if result.returncode != 0:
             raise DevEnvironmentError(f"mvn could not resolve Kafka:\n{result.stdout[-2000:]}")
@@ -136,26 +145,28 @@ class DevServices:
     def _kafka_properties(self) -> str:
         port = self.settings.kafka_port
         controller = self.settings.dev_kafka_controller_port
-        return "\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.bootstrap.servers=127.0.0.1:{controller}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name=PLAINTEXT",
-            f"log.dirs={self.kafka_dir / 'data'}",
-            "num.partitions=1",
-            "offsets.topic.replication.factor=1",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            # Topics are created by `dev up` with their partition counts; a typo in a
-            # topic name must fail instead of creating a one-partition topic.
-            "auto.create.topics.enable=false",
-            "",
-        ])
+        return "\n".join(
+            [
+                "process.roles=broker,controller",
+                "node.id=1",
+                f"controller.quorum.bootstrap.servers=127.0.0.1:{controller}",
+                f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+                "controller.listener.names=CONTROLLER",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "inter.broker.listener.name=PLAINTEXT",
+                f"log.dirs={self.kafka_dir / 'data'}",
+                "num.partitions=1",
+                "offsets.topic.replication.factor=1",
+                "transaction.state.log.replication.factor=1",
+                "transaction.state.log.min.isr=1",
+                "group.initial.rebalance.delay.ms=0",
+                # Topics are created by `dev up` with their partition counts; a typo in a
+                # topic name must fail instead of creating a one-partition topic.
+                "auto.create.topics.enable=false",
+                "",
+            ]
+        )
 
     def kafka_running(self) -> int | None:
         return _read_pid(self.kafka_pid_file)
@@ -171,35 +182,64 @@ class DevServices:
                 "METERING_KAFKA_BOOTSTRAP_SERVERS to another port"
             )
         if shutil.which("java") is None:
-            raise DevEnvironmentError("java not found: install OpenJDK 17 (apt-get install openjdk-17-jre-headless)")
+            raise DevEnvironmentError(
+                "java not found: install OpenJDK 17 (apt-get install openjdk-17-jre-headless)"
+            )
         classpath = f"{self.kafka_jars()}/*"
         self.kafka_dir.mkdir(parents=True, exist_ok=True)
         properties = self.kafka_dir / "server.properties"
         properties.write_text(self._kafka_properties())
         (self.kafka_dir / "log4j2.yaml").write_text(LOG4J2_CONFIG)
         if not (self.kafka_dir / "data" / "meta.properties").exists():
-            cluster_id = (self.kafka_dir / "cluster.id")
+            cluster_id = self.kafka_dir / "cluster.id"
             if not cluster_id.exists():
                 cluster_id.write_text(_kafka_cluster_id())
             _log("formatting Kafka storage (KRaft, standalone controller)")
             result = subprocess.run(
-                ["java", "-cp", classpath, STORAGE_TOOL, "format", "--standalone",
-                 "-t", cluster_id.read_text().strip(), "-c", str(properties)],
-                capture_output=True, text=True, check=False,
+                [
+                    "java",
+                    "-cp",
+                    classpath,
+                    STORAGE_TOOL,
+                    "format",
+                    "--standalone",
+                    "-t",
+                    cluster_id.read_text().strip(),
+                    "-c",
+                    str(properties),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if result.returncode != 0:
-                raise DevEnvironmentError(f"Kafka storage format failed:\n{result.stdout}{result.stderr}")
+                raise DevEnvironmentError(
+                    f"Kafka storage format failed:\n{result.stdout}{result.stderr}"
+                )
         _log(f"starting Kafka on 127.0.0.1:{port} (log: {self.kafka_log})")
         with self.kafka_log.open("ab") as log:
             process = subprocess.Popen(
-                ["java", "-Xms512m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                 f"-Dlog4j2.configurationFile={self.kafka_dir / 'log4j2.yaml'}",
-                 "-cp", classpath, KAFKA_MAIN, str(properties)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    "java",
+                    "-Xms512m",
+                    "-Xmx512m",
+                    "-XX:+UseG1GC",
+                    "-Djava.awt.headless=true",
+                    f"-Dlog4j2.configurationFile={self.kafka_dir / 'log4j2.yaml'}",
+                    "-cp",
+                    classpath,
+                    KAFKA_MAIN,
+                    str(properties),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         self.kafka_pid_file.write_text(str(process.pid))
-        _wait_until(lambda: process.poll() is None and _port_open(port), 90, "Kafka", self.kafka_log)
+        _wait_until(
+            lambda: process.poll() is None and _port_open(port), 90, "Kafka", self.kafka_log
+        )
         asyncio.run(self._wait_kafka_ready())
 
     async def _wait_kafka_ready(self) -> None:
@@ -214,7 +254,9 @@ class DevServices:
                 return
             except Exception as error:
                 if time.monotonic() > deadline:
-                    raise DevEnvironmentError(f"Kafka does not answer metadata requests: {error}") from error
+                    raise DevEnvironmentError(
+                        f"Kafka does not answer metadata requests: {error}"
+                    ) from error
                 await asyncio.sleep(0.3)
             finally:
                 await admin.close()
@@ -241,10 +283,15 @@ class DevServices:
         if found is not None:
             return found
         if os.geteuid() != 0:
-            raise DevEnvironmentError("PostgreSQL server not installed: run apt-get install postgresql")
+            raise DevEnvironmentError(
+                "PostgreSQL server not installed: run apt-get install postgresql"
+            )
         _log("installing Debian's postgresql package (apt-get)")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "postgresql"]):
+        for command in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "postgresql"],
+        ):
             result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
             if result.returncode != 0:
                 raise DevEnvironmentError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
@@ -278,7 +325,11 @@ class DevServices:
         return self.pg_dir / "postgres.log"
 
     def postgres_running(self) -> int | None:
-        return _read_pid(self.pg_data / "postmaster.pid") if (self.pg_data / "postmaster.pid").exists() else None
+        return (
+            _read_pid(self.pg_data / "postmaster.pid")
+            if (self.pg_data / "postmaster.pid").exists()
+            else None
+        )
 
     def start_postgres(self) -> None:
         """Create the cluster once, start it on 127.0.0.1, create the service database."""
@@ -297,10 +348,22 @@ class DevServices:
             if not (self.pg_data / "PG_VERSION").exists():
                 _log(f"creating a PostgreSQL cluster in {self.pg_data}")
                 result = subprocess.run(
-                    self._as_postgres_user([str(bin_dir / "initdb"), "-D", str(self.pg_data),
-                                            "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                                            "--locale=C.UTF-8"]),
-                    capture_output=True, text=True, check=False,
+                    self._as_postgres_user(
+                        [
+                            str(bin_dir / "initdb"),
+                            "-D",
+                            str(self.pg_data),
+                            "-U",
+                            "postgres",
+                            "--auth=trust",
+                            "-E",
+                            "UTF8",
+                            "--locale=C.UTF-8",
+                        ]
+                    ),
+                    capture_output=True,
+                    text=True,
+                    check=False,
                 )
                 if result.returncode != 0:
                     raise DevEnvironmentError(f"initdb failed:\n{result.stdout}{result.stderr}")
@@ -312,14 +375,32 @@ class DevServices:
             )
             _log(f"starting PostgreSQL on 127.0.0.1:{port} (log: {self.pg_log})")
             result = subprocess.run(
-                self._as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(self.pg_data),
-                                        "-l", str(self.pg_log), "-o", options, "-w", "-t", "60",
-                                        "start"]),
-                capture_output=True, text=True, check=False,
+                self._as_postgres_user(
+                    [
+                        str(bin_dir / "pg_ctl"),
+                        "-D",
+                        str(self.pg_data),
+                        "-l",
+                        str(self.pg_log),
+                        "-o",
+                        options,
+                        "-w",
+                        "-t",
+                        "60",
+                        "start",
+                    ]
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if result.returncode != 0:
-                tail = self.pg_log.read_text(errors="replace")[-2000:] if self.pg_log.exists() else ""
-                raise DevEnvironmentError(f"pg_ctl start failed:\n{result.stdout}{result.stderr}\n{tail}")
+                tail = (
+                    self.pg_log.read_text(errors="replace")[-2000:] if self.pg_log.exists() else ""
+                )
+                raise DevEnvironmentError(
+                    f"pg_ctl start failed:\n{result.stdout}{result.stderr}\n{tail}"
+                )
         asyncio.run(self._ensure_database())
 
     async def _ensure_database(self) -> None:
@@ -330,7 +411,9 @@ class DevServices:
                 break
             except (OSError, asyncpg.PostgresError) as error:
                 if time.monotonic() > deadline:
-                    raise DevEnvironmentError(f"PostgreSQL does not accept connections: {error}") from error
+                    raise DevEnvironmentError(
+                        f"PostgreSQL does not accept connections: {error}"
+                    ) from error
                 await asyncio.sleep(0.2)
         try:
             name = self.settings.database_name
@@ -349,9 +432,12 @@ class DevServices:
             return False
         bin_dir = self.postgres_bin()
         subprocess.run(
-            self._as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(self.pg_data), "-m", mode,
-                                    "-w", "stop"]),
-            capture_output=True, text=True, check=False,
+            self._as_postgres_user(
+                [str(bin_dir / "pg_ctl"), "-D", str(self.pg_data), "-m", mode, "-w", "stop"]
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
         )
         return True
 
@@ -360,10 +446,20 @@ class DevServices:
         kafka_pid = self.kafka_running()
         pg_pid = self.postgres_running()
         return [
-            ServiceStatus("kafka", kafka_pid is not None, kafka_pid,
-                          f"127.0.0.1:{self.settings.kafka_port}", str(self.kafka_log)),
-            ServiceStatus("postgres", pg_pid is not None, pg_pid,
-                          f"127.0.0.1:{self.settings.database_port}", str(self.pg_log)),
+            ServiceStatus(
+                "kafka",
+                kafka_pid is not None,
+                kafka_pid,
+                f"127.0.0.1:{self.settings.kafka_port}",
+                str(self.kafka_log),
+            ),
+            ServiceStatus(
+                "postgres",
+                pg_pid is not None,
+                pg_pid,
+                f"127.0.0.1:{self.settings.database_port}",
+                str(self.pg_log),
+            ),
         ]
 
 

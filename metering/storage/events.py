@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -10,8 +11,6 @@ from uuid import UUID
 import asyncpg
 
 from metering.models import UsageEvent, json_default
-
-import json
 
 # One statement: claim the ids no one stored yet, store exactly those events. The claim and
 # the store commit together or not at all, so an id is never marked seen without its

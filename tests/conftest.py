@@ -1,0 +1,238 @@
+"""Shared fixtures. Tests marked `services` run against the real Kafka and PostgreSQL of
+`metering dev up`; the `dev_services` fixture starts them when they are not running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import SecretStr
+
+from metering.config import Settings
+from metering.devenv.services import DevServices
+from metering.storage.migrations import migrate
+from metering.topics import TopicSpec, ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DATABASE = "metering_test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def async_wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2
+) -> None:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await predicate()
+        if last:
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    """Defaults of the local environment, pointed at a test database."""
+    defaults = Settings()
+    dsn = defaults.database_url.get_secret_value().rsplit("/", 1)[0] + f"/{TEST_DATABASE}"
+    return defaults.model_copy(update={"database_url": SecretStr(dsn), "dev_dir": ROOT / ".dev"})
+
+
+@pytest.fixture(scope="session")
+def dev_services(base_settings: Settings) -> DevServices:
+    """The real Kafka and PostgreSQL, started if needed (left running for the next run)."""
+    services = DevServices(base_settings)
+    services.start_postgres()
+    services.start_kafka()
+    return services
+
+
+@pytest.fixture(scope="session")
+def migrated_database(dev_services: DevServices, base_settings: Settings) -> str:
+    """A freshly created, migrated test database; its DSN."""
+
+    async def setup() -> None:
+        admin = await asyncpg.connect(base_settings.admin_database_url())
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEST_DATABASE} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEST_DATABASE}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(base_settings.database_url.get_secret_value())
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    return base_settings.database_url.get_secret_value()
+
+
+@pytest.fixture
+def settings(base_settings: Settings, migrated_database: str) -> Settings:
+    """Settings with topics and a consumer group of this test's own, so offsets and
+    messages of one test never reach another. The topics exist when the test starts."""
+    suffix = uuid.uuid4().hex[:8]
+    isolated = base_settings.model_copy(
+        update={
+            "events_topic": f"test.events.{suffix}",
+            "dlq_topic": f"test.events.dlq.{suffix}",
+            "limits_topic": f"test.limits.{suffix}",
+            "consumer_group": f"test-writer-{suffix}",
+            "metrics_port": free_port(),
+            "retry_max_seconds": 1.0,
+        }
+    )
+    asyncio.run(
+        ensure_topics(
+            isolated,
+            [
+                TopicSpec(isolated.events_topic, 6, {}),
+                TopicSpec(isolated.dlq_topic, 1, {}),
+                TopicSpec(isolated.limits_topic, 1, {}),
+            ],
+        )
+    )
+    return isolated
+
+
+@pytest.fixture
+async def db(migrated_database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(migrated_database)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment a subprocess needs to see `settings`."""
+    return {
+        **os.environ,
+        "METERING_DATABASE_URL": settings.database_url.get_secret_value(),
+        "METERING_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "METERING_EVENTS_TOPIC": settings.events_topic,
+        "METERING_DLQ_TOPIC": settings.dlq_topic,
+        "METERING_LIMITS_TOPIC": settings.limits_topic,
+        "METERING_CONSUMER_GROUP": settings.consumer_group,
+        "METERING_RETRY_MAX_SECONDS": str(settings.retry_max_seconds),
+        "METERING_CONSUMER_BATCH_SIZE": str(settings.consumer_batch_size),
+        "METERING_DEV_DIR": str(settings.dev_dir),
+    }
+
+
+class ConsumerProcess:
+    """`metering consume` in a subprocess, so tests can SIGKILL it like a crash would."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.metrics_port = free_port()
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "metering", "consume", "--metrics-port", str(self.metrics_port)],
+            env=settings_env(settings),
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_consumer(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., ConsumerProcess]]:
+    started: list[ConsumerProcess] = []
+
+    def start(custom: Settings | None = None) -> ConsumerProcess:
+        process = ConsumerProcess(custom or settings, tmp_path / f"consumer-{len(started)}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    kafka = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+    )
+    await kafka.start()
+    try:
+        yield kafka
+    finally:
+        await kafka.stop()
+
+
+async def read_topic(
+    settings: Settings, topic: str, expected: int, timeout: float = 30
+) -> list[Any]:
+    """Read `expected` records from the start of `topic` (fails if fewer arrive)."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(records) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records

@@ -1,0 +1,118 @@
+"""Crashes and outages mid-stream on the real broker and database: nothing lost, nothing twice.
+
+Each test publishes a known stream, starts the consumer with small batches so it takes a
+few seconds, hits it (or a dependency) while the table is part-way filled, recovers, and
+then requires the table to hold exactly the distinct valid events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from metering.config import Settings
+from metering.devenv.services import DevServices
+from tests.conftest import ConsumerProcess, async_wait_for
+from tests.consumers.conftest import (
+    PublishedStream,
+    assert_exact,
+    publish_stream,
+    stored_count,
+    stored_keys,
+)
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+EVENTS = 20_000
+
+
+async def wait_until_partly_stored(dsn: str, stream: PublishedStream, fraction: float) -> int:
+    target = int(len(stream.expected_keys) * fraction)
+
+    async def reached() -> int:
+        count = await stored_count(dsn, stream.orgs)
+        return count if count >= target else 0
+
+    await async_wait_for(reached, 60, f"{fraction:.0%} of the events stored", interval=0.05)
+    count = await stored_count(dsn, stream.orgs)
+    assert count < len(stream.expected_keys), "the stream finished before the fault: not mid-stream"
+    return count
+
+
+async def wait_until_complete_and_settled(
+    dsn: str, stream: PublishedStream, timeout: float = 120
+) -> None:
+    async def complete() -> bool:
+        return await stored_count(dsn, stream.orgs) >= len(stream.expected_keys)
+
+    await async_wait_for(complete, timeout, "every event stored")
+    await asyncio.sleep(1.5)  # any double write would show up after the count is reached
+    assert_exact(await stored_keys(dsn, stream.orgs), stream)
+
+
+async def test_sigkill_mid_stream_then_restart(
+    small_batches: Settings,
+    producer: AIOKafkaProducer,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    stream = await publish_stream(producer, small_batches, events=EVENTS, seed=11)
+    first = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.3)
+    first.kill()
+    start_consumer(small_batches)
+    await wait_until_complete_and_settled(migrated_database, stream)
+
+
+async def test_postgres_stopped_mid_stream(
+    small_batches: Settings,
+    producer: AIOKafkaProducer,
+    dev_services: DevServices,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    stream = await publish_stream(producer, small_batches, events=EVENTS, seed=12)
+    consumer = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.3)
+    await asyncio.to_thread(dev_services.stop_postgres, mode="immediate")
+    await asyncio.sleep(3)  # the consumer keeps polling Kafka and must retry, not skip
+    await asyncio.to_thread(dev_services.start_postgres)
+    await wait_until_complete_and_settled(migrated_database, stream)
+    assert consumer.process.poll() is None, "the consumer must survive the outage"
+    log = consumer.log_text()
+    assert "postgres unavailable" in log and "postgres is back" in log
+
+
+async def test_kafka_restarted_mid_stream(
+    small_batches: Settings,
+    producer: AIOKafkaProducer,
+    dev_services: DevServices,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    stream = await publish_stream(producer, small_batches, events=EVENTS, seed=13)
+    consumer = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.3)
+    await asyncio.to_thread(dev_services.stop_kafka)
+    await asyncio.sleep(2)
+    await asyncio.to_thread(dev_services.start_kafka)
+    await wait_until_complete_and_settled(migrated_database, stream)
+    assert consumer.process.poll() is None, "the consumer must survive the broker restart"
+
+
+async def test_two_consumers_one_killed_rebalances(
+    small_batches: Settings,
+    producer: AIOKafkaProducer,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    stream = await publish_stream(producer, small_batches, events=EVENTS, seed=14)
+    first = start_consumer(small_batches)
+    second = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.3)
+    first.kill()
+    await wait_until_complete_and_settled(migrated_database, stream)
+    assert second.process.poll() is None
+    assert "assigned to partitions" in second.log_text()

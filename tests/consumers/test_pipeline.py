@@ -1,0 +1,119 @@
+"""Kafka -> consumer -> Postgres on the real broker and database."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from metering.config import Settings
+from tests.conftest import ConsumerProcess, async_wait_for, read_topic
+from tests.consumers.conftest import assert_exact, publish_stream, stored_count, stored_keys
+
+pytestmark = pytest.mark.services
+
+
+def invalid_messages(org: uuid.UUID) -> list[tuple[bytes, str]]:
+    """One message per rule of contract section 1, with the code it must be rejected with."""
+    now = datetime.now(UTC)
+
+    def body(**fields: object) -> bytes:
+        base: dict[str, object] = {
+            "id": f"bad-{uuid.uuid4().hex[:6]}",
+            "type": "api_call",
+            "org_id": str(org),
+            "occurred_at": now.isoformat(),
+        }
+        base.update(fields)
+        return json.dumps(base).encode()
+
+    return [
+        (body(surprise=1), "unknown_field"),
+        (body(org_id="not-a-uuid"), "invalid_uuid"),
+        (body(quantity=-3), "negative_quantity"),
+        (body().replace(b'"api_call"', b'"api_call","quantity":NaN'), "not_json"),
+        (body().replace(b'"api_call"', b'"api_call","quantity":1e999'), "invalid_quantity"),
+        (
+            body().replace(b'"api_call"', b'"api_call","quantity":12345678901234567890'),
+            "quantity_too_precise",
+        ),
+        (body(occurred_at="2026-01-01T00:00:00"), "timestamp_without_offset"),
+        (body(occurred_at=(now + timedelta(hours=1)).isoformat()), "timestamp_in_future"),
+        (body(occurred_at=(now - timedelta(days=40)).isoformat()), "timestamp_too_old"),
+        (body(metadata={"pad": "x" * 17000}), "too_large"),
+        (b"this is not json", "not_json"),
+        (b"\xc3\x28 invalid utf-8", "not_utf8"),
+        (body(type="user_active"), "user_required"),
+        (body(type="api_calls"), "invalid_type"),
+        (body(id="no spaces allowed"), "invalid_id"),
+    ]
+
+
+async def test_duplicates_and_every_invalid_kind(
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    stream = await publish_stream(producer, settings, events=3000, orgs=40, duplicate_rate=0.1)
+    bad = invalid_messages(stream.orgs[0])
+    for value, _ in bad:
+        await producer.send_and_wait(settings.events_topic, value, key=str(stream.orgs[0]).encode())
+    # a late copy of an already published id, after the others
+    org, event_id = next(iter(stream.expected_keys))
+    late_copy = {
+        "id": event_id,
+        "type": "api_call",
+        "org_id": str(org),
+        "quantity": 99,
+        "occurred_at": datetime.now(UTC).isoformat(),
+    }
+    await producer.send_and_wait(
+        settings.events_topic, json.dumps(late_copy).encode(), key=str(org).encode()
+    )
+
+    consumer = start_consumer()
+
+    async def all_stored() -> bool:
+        return await stored_count(migrated_database, stream.orgs) >= len(stream.expected_keys)
+
+    await async_wait_for(all_stored, 60, "all valid events stored")
+    letters = await read_topic(settings, settings.dlq_topic, expected=len(bad))
+    assert_exact(await stored_keys(migrated_database, stream.orgs), stream)
+
+    assert len(letters) == len(bad)
+    by_value = {letter.value: letter for letter in letters}
+    for value, code in bad:
+        letter = by_value[value]  # original bytes, unchanged
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert headers["error.code"] == code, (value[:80], headers)
+        assert headers["error.reason"]
+        assert headers["source.topic"] == settings.events_topic
+        assert int(headers["source.offset"]) >= 0
+        assert 0 <= int(headers["source.partition"]) < 6
+        assert letter.key == str(stream.orgs[0]).encode()
+    assert consumer.process.poll() is None, consumer.log_text()
+
+    metrics = scrape(consumer.metrics_port)
+    duplicates = stream.messages + 1 - len(stream.expected_keys)
+    assert metrics["metering_events_duplicate_total"] == duplicates
+    assert metrics["metering_events_stored_total"] == len(stream.expected_keys)
+    assert metrics['metering_events_dead_lettered_total{reason="not_json"}'] == 2
+    assert metrics['metering_events_dead_lettered_total{reason="too_large"}'] == 1
+    assert metrics["metering_consumer_messages_total"] == stream.messages + 1 + len(bad)
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

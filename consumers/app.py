@@ -48,6 +48,12 @@ async def _report_lag(consumer: Any, metrics: ConsumerMetrics) -> None:
         metrics.lag.labels(partition.topic, str(partition.partition)).set(max(high - position, 0))
 
 
+async def keep_raw_records(message: Any) -> Any:
+    """FastStream decoder that skips decoding: the handler validates the raw bytes itself
+    (FastStream's default JSON-decodes every message, ~30% of the consumer's CPU)."""
+    return message.raw_message
+
+
 def build_consumer(settings: Settings, registry: CollectorRegistry | None = None) -> FastStream:
     """The writer application: broker, subscriber, and a lifespan owning pool and producer."""
     registry = registry or CollectorRegistry()
@@ -109,6 +115,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         batch_timeout_ms=settings.consumer_batch_timeout_ms,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=keep_raw_records,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_wait_ms=50,
         session_timeout_ms=10_000,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,9 @@ from metering.storage.events import EventStore, IncomingEvent, WriteResult
 from metering.storage.pool import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger("metering.consumer")
+# Events validated per statement: big enough to amortise a round trip, small enough that
+# validating the next chunk overlaps the database writing this one.
+VALIDATION_CHUNK = 1000
 
 
 class KafkaRecord(Protocol):
@@ -115,11 +118,19 @@ class BatchWriter:
         """
         self._metrics.messages.inc(len(records))
         self._metrics.batch_size.observe(len(records))
-        valid, invalid = split_batch(records, self._settings)
+        invalid: list[DeadLetter] = []
+
+        def validated_chunks() -> Iterator[list[IncomingEvent]]:
+            # Validation runs while Postgres writes the previous chunk (see write_chunks).
+            invalid.clear()
+            for start in range(0, len(records), VALIDATION_CHUNK):
+                valid, bad = split_batch(records[start : start + VALIDATION_CHUNK], self._settings)
+                invalid.extend(bad)
+                yield valid
 
         started = time.perf_counter()
         result: WriteResult = await retry_until_done(
-            lambda: self._store.write_batch(valid),
+            lambda: self._store.write_chunks(validated_chunks()),
             dependency="postgres",
             transient=TRANSIENT_DB_ERRORS,
             metrics=self._metrics.dependencies,

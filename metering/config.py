@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     consumer_group: str = "metering-writer"
     # Upper bound of one write transaction; bigger batches amortise the round trip and
     # the transaction commit, smaller ones cut end-to-end latency.
-    consumer_batch_size: int = Field(default=2000, ge=1, le=50_000)
+    consumer_batch_size: int = Field(default=5000, ge=1, le=50_000)
     consumer_batch_timeout_ms: int = Field(default=100, ge=1)
     # Back-off while Postgres or Kafka is unavailable: doubles from min to max.
     retry_min_seconds: float = 0.2

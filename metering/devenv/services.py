@@ -358,7 +358,7 @@ class DevServices:
                             "--auth=trust",
                             "-E",
                             "UTF8",
-                            "--locale=C.UTF-8",
+                            "--locale=C",
                         ]
                     ),
                     capture_output=True,

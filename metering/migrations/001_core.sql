@@ -70,7 +70,7 @@ CREATE TABLE event_types (
 -- retention drops whole partitions instead of deleting rows.
 CREATE TABLE usage_events (
     org_id            uuid        NOT NULL,
-    event_id          text        NOT NULL,
+    event_id          text        COLLATE "C" NOT NULL,
     event_type        text        NOT NULL,
     user_id           uuid,
     quantity          numeric     NOT NULL CHECK (quantity >= 0),
@@ -94,7 +94,7 @@ CREATE TABLE usage_events_default PARTITION OF usage_events DEFAULT;
 -- retention). It is written in the same transaction as usage_events.
 CREATE TABLE usage_event_ids (
     org_id         uuid        NOT NULL,
-    event_id       text        NOT NULL,
+    event_id       text        COLLATE "C" NOT NULL,
     first_seen_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (org_id, event_id)
 );

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from uuid import UUID
@@ -19,7 +21,7 @@ from metering.models import UsageEvent, json_default
 STORE_NEW_EVENTS = """
 WITH incoming AS (
     SELECT *
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::numeric[],
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[],
                 $6::timestamptz[], $7::text[], $8::int[], $9::bigint[])
          AS t(org_id, event_id, event_type, user_id, quantity, occurred_at, metadata,
               source_partition, source_offset)
@@ -31,7 +33,7 @@ WITH incoming AS (
 ), stored AS (
     INSERT INTO usage_events (org_id, event_id, event_type, user_id, quantity, occurred_at,
                               metadata, source_partition, source_offset)
-    SELECT i.org_id, i.event_id, i.event_type, i.user_id, i.quantity, i.occurred_at,
+    SELECT i.org_id, i.event_id, i.event_type, i.user_id, i.quantity::numeric, i.occurred_at,
            i.metadata::jsonb, i.source_partition, i.source_offset
     FROM incoming i JOIN claimed c USING (org_id, event_id)
     RETURNING 1
@@ -84,30 +86,64 @@ class EventStore:
         earlier batch). Either all of the batch's new events are stored or, on an error,
         none are: the caller retries the whole batch and duplicates make that harmless.
         """
-        if not batch:
-            return WriteResult(stored=0, duplicates=0)
-        first_copy: dict[tuple[UUID, str], IncomingEvent] = {}
-        for item in batch:
-            first_copy.setdefault((item.event.org_id, item.event.id), item)
-        unique = list(first_copy.values())
-        columns: tuple[list[object], ...] = ([], [], [], [], [], [], [], [], [])
-        for item in unique:
-            event = item.event
-            columns[0].append(event.org_id)
-            columns[1].append(event.id)
-            columns[2].append(event.type.value)
-            columns[3].append(event.user_id)
-            columns[4].append(event.quantity)
-            columns[5].append(event.occurred_at)
-            columns[6].append(
-                None if event.metadata is None else json.dumps(event.metadata, default=json_default)
-            )
-            columns[7].append(item.partition)
-            columns[8].append(item.offset)
-        new_orgs = sorted({event_org for event_org, _ in first_copy} - self._known_orgs)
+        return await self.write_chunks([batch])
+
+    async def write_chunks(self, chunks: Iterable[Sequence[IncomingEvent]]) -> WriteResult:
+        """Like `write_batch` for a batch given in chunks, all in ONE transaction.
+
+        The statement for chunk k runs in Postgres while the caller's iterator produces
+        chunk k+1 (e.g. validates it), so Python and Postgres work at the same time on two
+        cores. A later chunk sees the ids an earlier one claimed, so duplicates across
+        chunks are caught by the same constraint.
+        """
+        total = stored = 0
+        orgs: set[UUID] = set()
         async with self._pool.acquire() as conn, conn.transaction():
-            stored: int = await conn.fetchval(STORE_NEW_EVENTS, *columns)
+            pending: asyncio.Task[int] | None = None
+            try:
+                for chunk in chunks:
+                    total += len(chunk)
+                    columns, chunk_orgs = _columns(chunk)
+                    orgs |= chunk_orgs
+                    if pending is not None:
+                        stored += await pending
+                        pending = None
+                    if columns[0]:
+                        pending = asyncio.create_task(conn.fetchval(STORE_NEW_EVENTS, *columns))
+                        # let the task send the statement before the iterator takes the CPU
+                        await asyncio.sleep(0)
+                if pending is not None:
+                    stored += await pending
+                    pending = None
+            finally:
+                if pending is not None:
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await pending
+            new_orgs = sorted(orgs - self._known_orgs)
             if new_orgs:
                 await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)
         self._known_orgs.update(new_orgs)
-        return WriteResult(stored=stored, duplicates=len(batch) - stored)
+        return WriteResult(stored=stored, duplicates=total - stored)
+
+
+def _columns(chunk: Sequence[IncomingEvent]) -> tuple[tuple[list[object], ...], set[UUID]]:
+    """The statement's column arrays for the first copy of each (org_id, id) in `chunk`."""
+    first_copy: dict[tuple[UUID, str], IncomingEvent] = {}
+    for item in chunk:
+        first_copy.setdefault((item.event.org_id, item.event.id), item)
+    columns: tuple[list[object], ...] = ([], [], [], [], [], [], [], [], [])
+    for item in first_copy.values():
+        event = item.event
+        columns[0].append(event.org_id)
+        columns[1].append(event.id)
+        columns[2].append(event.type.value)
+        columns[3].append(event.user_id)
+        columns[4].append(str(event.quantity))  # as text: 3x cheaper to send than numeric
+        columns[5].append(event.occurred_at)
+        columns[6].append(
+            None if event.metadata is None else json.dumps(event.metadata, default=json_default)
+        )
+        columns[7].append(item.partition)
+        columns[8].append(item.offset)
+    return columns, {org for org, _ in first_copy}

@@ -1,0 +1,147 @@
+"""Ingestion benchmark: Kafka -> `metering consume` -> Postgres, against raw COPY.
+
+    .venv/bin/python -m bench.ingest [--events 1000000] [--orgs 1000] [--duplicates 0.05]
+
+1. publishes M synthetic events (5% re-sent duplicates) to a fresh topic, before timing;
+2. starts `metering consume` and measures sustained ingestion from the first to the last
+   committed batch (the `received_at` of the rows is their transaction's start time; the
+   last batch's duration is added from the wall clock);
+3. in the same run, COPYs the same rows into a fresh copy of the same table (the same
+   migration applied in a separate schema: same partitions, same indexes) and times it;
+4. prints both rates, their ratio, and the consumer's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+from bench.common import (
+    fresh_environment,
+    machine,
+    peak_rss_mib,
+    publish_fast,
+    start_metering,
+    synthetic_events,
+)
+from metering.storage.migrations import bundled_migrations
+
+COPY_COLUMNS = [
+    "org_id",
+    "event_id",
+    "event_type",
+    "user_id",
+    "quantity",
+    "occurred_at",
+    "metadata",
+    "source_partition",
+    "source_offset",
+]
+
+
+async def main(
+    events: int, orgs: int, duplicates: float, batch_size: int, consumer_count: int
+) -> dict[str, float]:
+    settings = await fresh_environment("metering_bench")
+    settings = settings.model_copy(update={"consumer_batch_size": batch_size})
+    dsn = settings.database_url.get_secret_value()
+    print(f"machine: {machine()}", flush=True)
+    messages, distinct = synthetic_events(events, orgs, duplicates)
+    started = time.perf_counter()
+    await publish_fast(settings, messages)
+    publish_seconds = time.perf_counter() - started
+    print(
+        f"published {events:,} messages ({distinct:,} distinct) in {publish_seconds:.1f}s "
+        f"({events / publish_seconds:,.0f}/s)",
+        flush=True,
+    )
+    del messages
+
+    conn = await asyncpg.connect(dsn)
+    log = Path(tempfile.mkstemp(prefix="bench-consumer-", suffix=".log")[1])
+    consumers = [
+        start_metering(settings, "consume", "--metrics-port", "0", log=log.with_suffix(f".{n}"))
+        for n in range(consumer_count)
+    ]
+    try:
+        stored = 0
+        last_report = time.monotonic()
+        while stored < distinct:
+            await asyncio.sleep(0.25)
+            if any(c.poll() is not None for c in consumers):
+                sys.exit(f"a consumer exited; logs: {log}.*")
+            stored = await conn.fetchval("SELECT count(*) FROM usage_events")
+            if time.monotonic() - last_report > 5:
+                print(f"  ... {stored:,} / {distinct:,} stored", flush=True)
+                last_report = time.monotonic()
+        done_wall = time.time()
+        rss = max(peak_rss_mib(c.pid) for c in consumers)
+    finally:
+        for consumer in consumers:
+            consumer.send_signal(signal.SIGTERM)
+        for consumer in consumers:
+            consumer.wait(timeout=30)
+    first, last = await conn.fetchrow(
+        "SELECT extract(epoch FROM min(received_at)), extract(epoch FROM max(received_at))"
+        " FROM usage_events"
+    )
+    # received_at is the start of each batch's transaction; the last one ended before we saw it.
+    pipeline_seconds = min(float(last) + 0.25, done_wall) - float(first)
+    pipeline_rate = stored / pipeline_seconds
+
+    # Raw COPY of the same rows into a fresh copy of the same table.
+    await conn.execute("DROP SCHEMA IF EXISTS copybench CASCADE; CREATE SCHEMA copybench")
+    core = next(m for m in bundled_migrations() if m.name.startswith("001"))
+    await conn.execute("SET search_path = copybench, public")
+    await conn.execute(core.sql)
+    rows = await conn.fetch(f"SELECT {', '.join(COPY_COLUMNS)} FROM public.usage_events")
+    records = [tuple(r) for r in rows]
+    del rows
+    await conn.execute("CHECKPOINT")
+    started = time.perf_counter()
+    await conn.copy_records_to_table(
+        "usage_events", schema_name="copybench", records=records, columns=COPY_COLUMNS
+    )
+    copy_seconds = time.perf_counter() - started
+    copy_rate = len(records) / copy_seconds
+    await conn.execute("DROP SCHEMA copybench CASCADE")
+    await conn.close()
+    result = {
+        "events": events,
+        "distinct": distinct,
+        "pipeline_events_per_s": pipeline_rate,
+        "copy_rows_per_s": copy_rate,
+        "ratio": pipeline_rate / copy_rate,
+        "consumer_peak_rss_mib": rss,
+    }
+    print(
+        f"pipeline (Kafka -> consumer -> Postgres): {stored:,} events in {pipeline_seconds:.2f}s = "
+        f"{pipeline_rate:,.0f} events/s"
+    )
+    print(
+        f"raw COPY of the same rows into a fresh copy of usage_events: {copy_seconds:.2f}s = "
+        f"{copy_rate:,.0f} rows/s"
+    )
+    print(f"ratio pipeline/COPY: {result['ratio']:.2f}")
+    print(f"consumer peak RSS: {rss:.0f} MiB (max over {consumer_count} consumer processes)")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--orgs", type=int, default=1000)
+    parser.add_argument("--duplicates", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--consumers", type=int, default=1, help="consumer processes in the group")
+    args = parser.parse_args()
+    asyncio.run(main(args.events, args.orgs, args.duplicates, args.batch_size, args.consumers))

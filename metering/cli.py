@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import sys
 import uuid
 from collections.abc import Coroutine
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -274,6 +275,264 @@ def send(
         raise click.ClickException(f"invalid event ({error.code}): {error.reason}") from None
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+
+
+# ----------------------------------------------------------- aggregate
+@cli.command()
+@click.option("--once", is_flag=True, help="Run one pass and exit (prints what it did).")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Port for /metrics (default METERING_METRICS_PORT).",
+)
+@click.pass_context
+def aggregate(ctx: click.Context, once: bool, metrics_port: int | None) -> None:
+    """Keep usage_aggregations up to date and publish limit crossings, until Ctrl-C.
+
+    Each pass aggregates the events stored since the last one (durable watermark), in one
+    transaction; a killed pass leaves nothing behind and is simply done again.
+    """
+    from aggregator.service import run_aggregator
+
+    settings = _settings(ctx)
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
+    result = _run(run_aggregator(settings, once=once))
+    if once and result is not None:
+        click.echo(
+            f"aggregated {result.events} events (transactions {result.from_xid}..{result.to_xid}); "
+            f"{len(result.new_crossings)} new limit crossings"
+        )
+
+
+def _parse_when(value: str, name: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO date or time", param_hint=name) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@cli.command()
+@click.option("--from", "start", required=True, help="Start (ISO date/time; UTC if no offset).")
+@click.option("--to", "end", required=True, help="End, exclusive.")
+@click.option("--org", "org_id", default=None, help="Only this organization.")
+@click.option(
+    "--period", type=click.Choice(["day", "month", "both"]), default="both", show_default=True
+)
+@click.pass_context
+def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, period: str) -> None:
+    """Recompute usage_aggregations for a window from raw events (progress bar).
+
+    Every day/month overlapping the window, in each organization's time zone, is rebuilt;
+    running it twice changes nothing. Safe while the aggregator runs (they take turns).
+    """
+    from tqdm import tqdm
+
+    from metering.storage.aggregates import AggregateStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+    first, last = _parse_when(start, "--from"), _parse_when(end, "--to")
+    if last <= first:
+        raise click.BadParameter("--to must be after --from", param_hint="--to")
+    org = _parse_org(org_id) if org_id else None
+    periods = ["day", "month"] if period == "both" else [period]
+    windows = _month_windows(first, last)
+
+    async def main() -> int:
+        pool = await create_pool(settings)
+        store = AggregateStore(pool)
+        written = 0
+        try:
+            with tqdm(total=len(windows) * len(periods), unit="window", file=sys.stderr) as bar:
+                for window_start, window_end in windows:
+                    for name in periods:
+                        bar.set_description(f"{name} {window_start:%Y-%m}")
+                        written += await store.reaggregate(name, window_start, window_end, org)
+                        bar.update()
+        finally:
+            await pool.close()
+        return written
+
+    written = _run(main())
+    click.echo(f"rewrote {written} aggregate rows for {first.isoformat()} .. {last.isoformat()}")
+
+
+def _month_windows(first: datetime, last: datetime) -> list[tuple[datetime, datetime]]:
+    windows = []
+    cursor = first
+    while cursor < last:
+        next_month = (
+            cursor.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)
+        ).replace(day=1)
+        windows.append((cursor, min(next_month, last)))
+        cursor = min(next_month, last)
+    return windows
+
+
+@cli.command()
+@click.option("--from", "start", default=None, help="First period start (default: 400 days ago).")
+@click.option("--to", "end", default=None, help="Period starts before this (default: tomorrow).")
+@click.pass_context
+def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
+    """Recompute aggregates from usage_events independently and compare with the stored ones.
+
+    Exits 0 when every number adds up, 1 listing each (org, type, period) that differs;
+    `metering reaggregate` over that window repairs them.
+    """
+    from metering.storage.aggregates import AggregateStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+    today = datetime.now(UTC).date()
+    first = _parse_when(start, "--from").date() if start else today - timedelta(days=400)
+    last = _parse_when(end, "--to").date() if end else today + timedelta(days=1)
+
+    async def main() -> list[Any]:
+        pool = await create_pool(settings)
+        try:
+            return await AggregateStore(pool).reconcile(first, last)
+        finally:
+            await pool.close()
+
+    differences = _run(main())
+    if not differences:
+        click.echo(f"reconciled {first} .. {last}: every aggregate matches usage_events")
+        return
+    rows = [
+        [
+            str(r["org_id"]),
+            r["event_type"],
+            r["period"],
+            str(r["period_start"]),
+            _fmt(r["expected_value"]),
+            _fmt(r["stored_value"]),
+            _fmt(r["expected_events"]),
+            _fmt(r["stored_events"]),
+        ]
+        for r in differences
+    ]
+    _table(
+        ["org", "type", "period", "start", "expected", "stored", "exp. events", "stored events"],
+        rows,
+    )
+    click.echo(f"{len(differences)} aggregates differ from usage_events", err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@click.argument("org")
+@click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True)
+@click.option("--from", "start", default=None, help="Period starts from this date.")
+@click.option("--to", "end", default=None, help="Period starts before this date.")
+@click.option("--type", "event_type", default=None, help="Only this event type.")
+@click.pass_context
+def usage(
+    ctx: click.Context,
+    org: str,
+    period: str,
+    start: str | None,
+    end: str | None,
+    event_type: str | None,
+) -> None:
+    """Print an organization's aggregated usage as a table."""
+    from metering.storage.aggregates import AggregateStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+    org_id = _parse_org(org)
+    first = _parse_when(start, "--from").date() if start else None
+    last = _parse_when(end, "--to").date() if end else None
+
+    async def main() -> list[Any]:
+        pool = await create_pool(settings)
+        try:
+            return await AggregateStore(pool).usage(org_id, period, first, last, event_type)
+        finally:
+            await pool.close()
+
+    rows = _run(main())
+    if not rows:
+        click.echo(f"no {period} usage for {org_id}")
+        return
+    _table(
+        ["period_start", "event_type", "value", "events", "updated_at"],
+        [
+            [
+                str(r["period_start"]),
+                r["event_type"],
+                _fmt(r["value"]),
+                str(r["event_count"]),
+                r["updated_at"].isoformat(timespec="seconds"),
+            ]
+            for r in rows
+        ],
+    )
+
+
+@cli.command()
+@click.argument("org")
+@click.argument("feature")
+@click.option("--quantity", default="1", show_default=True, help="Quantity requested.")
+@click.pass_context
+def check(ctx: click.Context, org: str, feature: str, quantity: str) -> None:
+    """Print the access check of FEATURE for ORG (limit, used, remaining, allowed).
+
+    Exits 0 when allowed, 1 when not, 2 for an unknown feature.
+    """
+    import asyncpg
+
+    from metering.storage.aggregates import AggregateStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+    org_id = _parse_org(org)
+    try:
+        requested = Decimal(quantity)
+    except ArithmeticError:
+        raise click.BadParameter(f"{quantity!r} is not a number", param_hint="--quantity") from None
+
+    async def main() -> dict[str, Any]:
+        pool = await create_pool(settings)
+        try:
+            return await AggregateStore(pool).check_access(org_id, feature, requested)
+        finally:
+            await pool.close()
+
+    try:
+        result = _run(main())
+    except asyncpg.NoDataFoundError:
+        raise click.ClickException(f"unknown feature key {feature!r}") from None
+    _table(
+        ["key", "value"],
+        [[k, json.dumps(v) if isinstance(v, dict) else _fmt(v)] for k, v in result.items()],
+    )
+    sys.exit(0 if result.get("allowed") else 1)
+
+
+def _parse_org(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a UUID", param_hint="ORG") from None
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value == value.to_integral_value() else str(value)
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    click.echo("  ".join("-" * w for w in widths))
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
 # ------------------------------------------------------------------ run

@@ -68,3 +68,44 @@ class ConsumerMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+
+
+FRESHNESS_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
+
+
+class AggregatorMetrics:
+    """What the aggregator did; its freshness is the service's main objective."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dependencies = DependencyMetrics(registry)
+        self.pass_seconds = Histogram(
+            "metering_aggregation_pass_seconds",
+            "Duration of one incremental aggregation pass (one transaction).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.events = Counter(
+            "metering_events_aggregated", "Events added to usage_aggregations.", registry=registry
+        )
+        self.watermark_lag = Gauge(
+            "metering_aggregation_watermark_lag_seconds",
+            "Age of the oldest stored event not aggregated yet (0 when caught up).",
+            registry=registry,
+        )
+        self.freshness = Histogram(
+            "metering_aggregation_freshness_seconds",
+            "Seconds from an event's storage in usage_events to its aggregation.",
+            buckets=FRESHNESS_BUCKETS,
+            registry=registry,
+        )
+        self.crossings = Counter(
+            "metering_limit_crossings",
+            "Threshold crossings recorded, by feature and threshold percent.",
+            ["feature_key", "threshold"],
+            registry=registry,
+        )
+        self.published = Counter(
+            "metering_limit_notifications_published",
+            "Threshold crossings published to the limits topic.",
+            registry=registry,
+        )

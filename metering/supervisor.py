@@ -21,6 +21,7 @@ def service_children(settings: Settings) -> list[Child]:
     """The long-running processes of the service, each with a metrics port of its own."""
     return [
         Child("consume", ["consume", "--metrics-port", str(settings.metrics_port)]),
+        Child("aggregate", ["aggregate", "--metrics-port", str(settings.metrics_port + 1)]),
     ]
 
 

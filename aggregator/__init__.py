@@ -1,0 +1,1 @@
+"""The aggregator: usage_events -> usage_aggregations, and limit threshold crossings."""

@@ -1,0 +1,309 @@
+-- Daily and monthly aggregates (contract sections 2 and 4), the incremental aggregator's
+-- durable watermark, threshold-crossing outbox, the access check and the recompute.
+
+CREATE TABLE usage_aggregations (
+    org_id          uuid    NOT NULL,
+    event_type      text    NOT NULL REFERENCES event_types (event_type),
+    period          text    NOT NULL CHECK (period IN ('day', 'month')),
+    period_start    date    NOT NULL,            -- in the organization's time zone
+    value           numeric NOT NULL DEFAULT 0,  -- sum, latest gauge reading, or distinct users
+    event_count     bigint  NOT NULL DEFAULT 0,
+    gauge_at        timestamptz,                 -- gauges: occurred_at of the reading in value
+    gauge_event_id  text COLLATE "C",            -- gauges: tie-break between equal times
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (org_id, event_type, period, period_start)
+);
+
+-- Exact distinct users: one row per user seen in a period.
+CREATE TABLE usage_period_users (
+    org_id        uuid NOT NULL,
+    event_type    text NOT NULL,
+    period        text NOT NULL,
+    period_start  date NOT NULL,
+    user_id       uuid NOT NULL,
+    PRIMARY KEY (org_id, event_type, period, period_start, user_id)
+);
+
+-- The incremental aggregator's watermark: every usage_events row whose ingest_xid is
+-- below it has been aggregated. It is the xmin of the snapshot of the pass that set it,
+-- so every transaction below it had finished: no row can appear below it later.
+CREATE TABLE aggregator_state (
+    name           text PRIMARY KEY,
+    watermark_xid  bigint NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO aggregator_state (name, watermark_xid) VALUES ('usage', 0);
+
+-- One row per aggregation pass: which transactions it covered and when it committed.
+-- Lets an operator (and the freshness benchmark) tell when any event was aggregated.
+CREATE TABLE aggregation_passes (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    from_xid      bigint NOT NULL,
+    to_xid        bigint NOT NULL,
+    events        bigint NOT NULL,
+    finished_at   timestamptz NOT NULL
+);
+CREATE INDEX aggregation_passes_to_xid ON aggregation_passes (to_xid);
+
+-- Threshold crossings, written in the aggregation transaction (an outbox) and published
+-- to Kafka afterwards. The id is deterministic, so a crossing is recorded once.
+CREATE TABLE limit_notifications (
+    id                 uuid PRIMARY KEY,
+    org_id             uuid    NOT NULL,
+    feature_key        text    NOT NULL,
+    period             text    NOT NULL CHECK (period IN ('month', 'lifetime')),
+    period_start       date,              -- NULL for lifetime limits (max_records)
+    threshold_percent  int     NOT NULL,
+    used               numeric NOT NULL,
+    limit_value        bigint  NOT NULL,
+    crossed_at         timestamptz NOT NULL,
+    published_at       timestamptz
+);
+CREATE INDEX limit_notifications_unpublished ON limit_notifications (crossed_at)
+    WHERE published_at IS NULL;
+
+-- Each event of a transaction range, once per period, with the period's first day in the
+-- organization's time zone (calendar days and months, correct across DST changes).
+CREATE FUNCTION usage_event_periods(p_from_xid bigint, p_to_xid bigint)
+RETURNS TABLE (org_id uuid, event_type text, aggregation text, period text, period_start date,
+               quantity numeric, occurred_at timestamptz, event_id text, user_id uuid)
+LANGUAGE sql STABLE AS $$
+    SELECT e.org_id, e.event_type, t.aggregation, p.period,
+           CASE p.period
+               WHEN 'day' THEN (e.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date
+               ELSE date_trunc('month', e.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date
+           END,
+           e.quantity, e.occurred_at, e.event_id, e.user_id
+    FROM usage_events e
+    JOIN event_types t ON t.event_type = e.event_type
+    LEFT JOIN org_subscriptions s ON s.org_id = e.org_id
+    CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+    WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+$$;
+
+-- Adds the events of [p_from_xid, p_to_xid) to usage_aggregations. Not idempotent by
+-- itself: callers run it once per range, in the transaction that moves the watermark.
+CREATE FUNCTION apply_usage_delta(p_from_xid bigint, p_to_xid bigint)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    events bigint;
+BEGIN
+    INSERT INTO usage_aggregations AS u (org_id, event_type, period, period_start, value, event_count)
+    SELECT d.org_id, d.event_type, d.period, d.period_start, sum(d.quantity), count(*)
+    FROM usage_event_periods(p_from_xid, p_to_xid) d
+    WHERE d.aggregation = 'sum'
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
+    SET value = u.value + excluded.value,
+        event_count = u.event_count + excluded.event_count,
+        updated_at = now();
+
+    INSERT INTO usage_aggregations AS u
+        (org_id, event_type, period, period_start, value, event_count, gauge_at, gauge_event_id)
+    SELECT DISTINCT ON (d.org_id, d.event_type, d.period, d.period_start)
+           d.org_id, d.event_type, d.period, d.period_start, d.quantity,
+           count(*) OVER (PARTITION BY d.org_id, d.event_type, d.period, d.period_start),
+           d.occurred_at, d.event_id
+    FROM usage_event_periods(p_from_xid, p_to_xid) d
+    WHERE d.aggregation = 'gauge_latest'
+    ORDER BY d.org_id, d.event_type, d.period, d.period_start, d.occurred_at DESC, d.event_id DESC
+    ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
+    SET value = CASE WHEN (excluded.gauge_at, excluded.gauge_event_id) > (u.gauge_at, u.gauge_event_id)
+                     THEN excluded.value ELSE u.value END,
+        gauge_event_id = CASE WHEN (excluded.gauge_at, excluded.gauge_event_id) > (u.gauge_at, u.gauge_event_id)
+                              THEN excluded.gauge_event_id ELSE u.gauge_event_id END,
+        gauge_at = greatest(u.gauge_at, excluded.gauge_at),
+        event_count = u.event_count + excluded.event_count,
+        updated_at = now();
+
+    WITH ev AS (
+        SELECT * FROM usage_event_periods(p_from_xid, p_to_xid) d WHERE d.aggregation = 'distinct_users'
+    ), new_users AS (
+        INSERT INTO usage_period_users (org_id, event_type, period, period_start, user_id)
+        SELECT DISTINCT ev.org_id, ev.event_type, ev.period, ev.period_start, ev.user_id
+        FROM ev ORDER BY 1, 2, 3, 4, 5
+        ON CONFLICT DO NOTHING
+        RETURNING usage_period_users.org_id, usage_period_users.event_type,
+                  usage_period_users.period, usage_period_users.period_start
+    ), added AS (
+        SELECT n.org_id, n.event_type, n.period, n.period_start, count(*) AS users
+        FROM new_users n GROUP BY 1, 2, 3, 4
+    ), counted AS (
+        SELECT ev.org_id, ev.event_type, ev.period, ev.period_start, count(*) AS events
+        FROM ev GROUP BY 1, 2, 3, 4
+    )
+    INSERT INTO usage_aggregations AS u (org_id, event_type, period, period_start, value, event_count)
+    SELECT c.org_id, c.event_type, c.period, c.period_start, coalesce(a.users, 0), c.events
+    FROM counted c LEFT JOIN added a USING (org_id, event_type, period, period_start)
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
+    SET value = u.value + excluded.value,
+        event_count = u.event_count + excluded.event_count,
+        updated_at = now();
+
+    SELECT count(*) INTO events FROM usage_events e
+    WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid;
+    RETURN events;
+END;
+$$;
+
+-- What a limit check reads: the used amount of a limit key for an organization in the
+-- month containing p_at (in its zone); lifetime keys sum every month; gauges take the
+-- latest reading; seats come from the subscription. Already divided by the limit unit.
+CREATE FUNCTION usage_for_limit(p_org_id uuid, p_feature_key text, p_month date)
+RETURNS numeric
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    kind  event_types%ROWTYPE;
+    used  numeric;
+BEGIN
+    IF p_feature_key = 'max_seats' THEN
+        SELECT coalesce((SELECT seats_in_use FROM org_subscriptions WHERE org_id = p_org_id), 0)
+        INTO used;
+        RETURN used;
+    END IF;
+    SELECT * INTO kind FROM event_types WHERE limit_key = p_feature_key;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF kind.lifetime THEN
+        SELECT coalesce(sum(value), 0) INTO used FROM usage_aggregations
+        WHERE org_id = p_org_id AND event_type = kind.event_type AND period = 'month';
+    ELSIF kind.aggregation = 'gauge_latest' THEN
+        -- storage persists across months: the latest reading up to the end of that month
+        SELECT coalesce((SELECT value FROM usage_aggregations
+                         WHERE org_id = p_org_id AND event_type = kind.event_type
+                           AND period = 'month' AND period_start <= p_month
+                         ORDER BY period_start DESC LIMIT 1), 0)
+        INTO used;
+    ELSE
+        SELECT coalesce((SELECT value FROM usage_aggregations
+                         WHERE org_id = p_org_id AND event_type = kind.event_type
+                           AND period = 'month' AND period_start = p_month), 0)
+        INTO used;
+    END IF;
+    IF kind.limit_unit = 1 THEN
+        RETURN used;
+    END IF;
+    RETURN used / kind.limit_unit;
+END;
+$$;
+
+-- The access check of the source document, with the quantity requested (default 1).
+-- Raises no_data_found (P0002) for a feature key no plan has.
+CREATE FUNCTION check_feature_access(p_user_id uuid, p_feature_key text, p_org_id uuid,
+                                     p_requested numeric)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    sub        record;
+    feature    plan_features%ROWTYPE;
+    month      date;
+    used       numeric;
+    remaining  numeric;
+BEGIN
+    SELECT coalesce(s.plan, 'free') AS plan, coalesce(s.timezone, 'UTC') AS timezone,
+           coalesce(s.status, 'active') AS status
+    INTO sub
+    FROM (SELECT 1) AS one LEFT JOIN org_subscriptions s ON s.org_id = p_org_id;
+    SELECT * INTO feature FROM plan_features WHERE plan = sub.plan AND feature_key = p_feature_key;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown feature key %', p_feature_key USING ERRCODE = 'no_data_found';
+    END IF;
+    IF p_feature_key = 'features' THEN
+        RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan,
+                                  'flags', feature.flags, 'allowed', true);
+    END IF;
+    month := date_trunc('month', now() AT TIME ZONE sub.timezone)::date;
+    used := usage_for_limit(p_org_id, p_feature_key, month);
+    IF feature.limit_value = -1 THEN
+        RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan, 'limit', -1,
+                                  'unlimited', true, 'used', used, 'remaining', NULL,
+                                  'requested', p_requested, 'allowed', true,
+                                  'period_start', month);
+    END IF;
+    remaining := greatest(feature.limit_value - used, 0);
+    RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan,
+                              'limit', feature.limit_value, 'unlimited', false, 'used', used,
+                              'remaining', remaining, 'requested', p_requested,
+                              'allowed', used + p_requested <= feature.limit_value,
+                              'period_start', month);
+END;
+$$;
+
+CREATE FUNCTION check_feature_access(p_user_id uuid, p_feature_key text, p_org_id uuid)
+RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT check_feature_access(p_user_id, p_feature_key, p_org_id, 1)
+$$;
+
+-- Recomputes the `p_period` rows of every period that overlaps [p_from, p_to) in each
+-- organization's zone (optionally one organization) from usage_events. Running it twice
+-- changes nothing. It takes the aggregator's lock and counts only events below the
+-- watermark: newer ones are added by the next incremental pass, never twice.
+CREATE FUNCTION aggregate_usage(p_period text, p_from timestamptz, p_to timestamptz,
+                                p_org_id uuid DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    watermark bigint;
+    written   bigint;
+BEGIN
+    IF p_period NOT IN ('day', 'month') THEN
+        RAISE EXCEPTION 'period must be day or month, not %', p_period USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_to <= p_from THEN
+        RAISE EXCEPTION 'to (%) must be after from (%)', p_to, p_from USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT watermark_xid INTO watermark FROM aggregator_state WHERE name = 'usage' FOR UPDATE;
+
+    CREATE TEMP TABLE _windows ON COMMIT DROP AS
+    SELECT s.org_id, s.timezone,
+           date_trunc(p_period, p_from AT TIME ZONE s.timezone)::date AS first_start,
+           date_trunc(p_period, (p_to AT TIME ZONE s.timezone) - interval '1 microsecond')::date AS last_start
+    FROM org_subscriptions s
+    WHERE p_org_id IS NULL OR s.org_id = p_org_id;
+
+    DELETE FROM usage_aggregations a USING _windows w
+    WHERE a.org_id = w.org_id AND a.period = p_period
+      AND a.period_start BETWEEN w.first_start AND w.last_start;
+    DELETE FROM usage_period_users a USING _windows w
+    WHERE a.org_id = w.org_id AND a.period = p_period
+      AND a.period_start BETWEEN w.first_start AND w.last_start;
+
+    CREATE TEMP TABLE _events ON COMMIT DROP AS
+    SELECT e.org_id, e.event_type, t.aggregation, e.quantity, e.occurred_at, e.event_id, e.user_id,
+           date_trunc(p_period, e.occurred_at AT TIME ZONE w.timezone)::date AS period_start
+    FROM _windows w
+    JOIN usage_events e ON e.org_id = w.org_id
+    JOIN event_types t ON t.event_type = e.event_type
+    WHERE e.occurred_at >= (w.first_start::timestamp AT TIME ZONE w.timezone)
+      AND e.occurred_at < ((w.last_start + ('1 ' || p_period)::interval)::timestamp AT TIME ZONE w.timezone)
+      AND e.ingest_xid < watermark;
+
+    INSERT INTO usage_period_users (org_id, event_type, period, period_start, user_id)
+    SELECT DISTINCT org_id, event_type, p_period, period_start, user_id
+    FROM _events WHERE aggregation = 'distinct_users';
+
+    INSERT INTO usage_aggregations
+        (org_id, event_type, period, period_start, value, event_count, gauge_at, gauge_event_id)
+    SELECT org_id, event_type, p_period, period_start,
+           CASE min(aggregation)
+               WHEN 'sum' THEN sum(quantity)
+               WHEN 'distinct_users' THEN count(DISTINCT user_id)
+               ELSE (array_agg(quantity ORDER BY occurred_at DESC, event_id DESC))[1]
+           END,
+           count(*),
+           CASE WHEN min(aggregation) = 'gauge_latest' THEN max(occurred_at) END,
+           CASE WHEN min(aggregation) = 'gauge_latest'
+                THEN (array_agg(event_id ORDER BY occurred_at DESC, event_id DESC))[1] END
+    FROM _events
+    GROUP BY org_id, event_type, period_start;
+    GET DIAGNOSTICS written = ROW_COUNT;
+    DROP TABLE _events;
+    DROP TABLE _windows;
+    RETURN written;
+END;
+$$;

@@ -1,0 +1,231 @@
+"""Aggregation on the real PostgreSQL: a golden scenario worked out by hand, idempotence,
+a killed pass, reconcile, the access check and plan changes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from aggregator.service import Aggregator
+from metering.config import Settings
+from metering.storage.aggregates import AggregateStore
+from metering.storage.events import EventStore
+from tests.aggregator.conftest import Events, aggregates, subscribe
+from tests.conftest import ROOT, settings_env
+
+pytestmark = pytest.mark.services
+NEW_YORK = "America/New_York"  # DST began 2026-03-08 02:00 local: that day has 23 hours
+
+
+async def test_golden_scenario(
+    db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
+) -> None:
+    org = uuid.uuid4()
+    await subscribe(db, org, "pro", NEW_YORK)
+    events = Events(event_store, org)
+    u1, u2 = uuid.uuid4(), uuid.uuid4()
+    # api_call, local times in New York:
+    await events.add("api_call", "2026-03-08T04:30:00Z", 5)  # Mar 7 23:30 EST
+    await events.add("api_call", "2026-03-08T05:30:00Z", 7)  # Mar 8 00:30 EST
+    await events.add("api_call", "2026-03-09T03:59:00Z", 2)  # Mar 8 23:59 EDT (after the change)
+    await events.add("api_call", "2026-03-09T04:00:00Z", 3)  # Mar 9 00:00 EDT
+    await events.add("api_call", "2026-04-01T03:30:00Z", 11)  # Mar 31 23:30 EDT: still March
+    await events.add("api_call", "2026-04-01T04:00:00Z", 13)  # Apr 1 00:00 EDT
+    await events.add("api_call", "2026-03-08T05:30:00Z", 99, event_id="e2")  # duplicate of e2
+    # storage gauge: the latest reading by occurred_at wins, whatever the arrival order
+    await events.add("storage_used", "2026-03-10T20:00:00Z", 900, event_id="g3")
+    # repeated users
+    await events.add("user_active", "2026-03-10T15:00:00Z", user=u1)
+    await events.add("user_active", "2026-03-11T15:00:00Z", user=u1)
+    await events.add("user_active", "2026-03-11T16:00:00Z", user=u1)
+    await events.add("user_active", "2026-03-11T17:00:00Z", user=u2)
+    await aggregator.run_once()
+
+    # arriving later: readings that are older than the stored one, and a late api_call
+    await events.add("storage_used", "2026-03-10T12:00:00Z", 500, event_id="g1")
+    await events.add("storage_used", "2026-03-10T18:00:00Z", 300, event_id="g2")
+    await events.add("api_call", "2026-03-08T03:00:00Z", 4)  # Mar 7 22:00 EST, late
+    await aggregator.run_once()
+
+    assert await aggregates(db, org) == {
+        ("api_call", "day", "2026-03-07"): ("9", 2),  # 5 + late 4
+        ("api_call", "day", "2026-03-08"): ("9", 2),  # 7 + 2, on a 23-hour day
+        ("api_call", "day", "2026-03-09"): ("3", 1),
+        ("api_call", "day", "2026-03-31"): ("11", 1),
+        ("api_call", "day", "2026-04-01"): ("13", 1),
+        ("api_call", "month", "2026-03-01"): ("32", 6),  # 5+7+2+3+11+4; the duplicate not at all
+        ("api_call", "month", "2026-04-01"): ("13", 1),
+        ("storage_used", "day", "2026-03-10"): ("900", 3),
+        ("storage_used", "month", "2026-03-01"): ("900", 3),
+        ("user_active", "day", "2026-03-10"): ("1", 1),
+        ("user_active", "day", "2026-03-11"): ("2", 3),
+        ("user_active", "month", "2026-03-01"): ("2", 4),
+    }
+
+
+async def test_pass_run_twice_changes_nothing(
+    db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
+) -> None:
+    org = uuid.uuid4()
+    events = Events(event_store, org)
+    now = datetime.now(UTC)
+    for n in range(5):
+        await events.add("api_call", (now - timedelta(minutes=n)).isoformat(), 2)
+    await aggregator.run_once()
+    before = await aggregates(db, org)
+    second = await aggregator.run_once()
+    assert await aggregates(db, org) == before
+    assert before[("api_call", "day", now.date().isoformat())] == ("10", 5)
+    assert second.events == 0
+
+
+async def test_killed_pass_leaves_nothing_and_is_redone(
+    db: asyncpg.Connection, migrated_database: str, event_store: EventStore, aggregator: Aggregator
+) -> None:
+    await aggregator.run_once()  # start from a caught-up watermark
+    org = uuid.uuid4()
+    events = Events(event_store, org)
+    today = datetime.now(UTC)
+    for n in range(3):
+        await events.add("api_call", today.isoformat(), 5, event_id=f"k{n}")
+
+    victim = await asyncpg.connect(migrated_database)
+    transaction = victim.transaction(isolation="repeatable_read")
+    await transaction.start()
+    upper = await victim.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+    lower = await victim.fetchval(
+        "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage' FOR UPDATE NOWAIT"
+    )
+    await victim.fetchval("SELECT apply_usage_delta($1, $2)", lower, upper)  # half way
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", victim.get_server_pid())
+    victim.terminate()
+
+    assert await aggregates(db, org) == {}
+    await aggregator.run_once()
+    assert await aggregates(db, org) == {
+        ("api_call", "day", today.date().isoformat()): ("15", 3),
+        ("api_call", "month", today.date().replace(day=1).isoformat()): ("15", 3),
+    }
+
+
+async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    aggregator: Aggregator,
+) -> None:
+    org = uuid.uuid4()
+    await subscribe(db, org, "free", "Europe/Berlin")
+    events = Events(event_store, org)
+    now = datetime.now(UTC)
+    for n in range(6):
+        await events.add("api_call", (now - timedelta(hours=30 * n)).isoformat(), n + 1)
+    await events.add("storage_used", now.isoformat(), 7)
+    await aggregator.run_once()
+    expected = await aggregates(db, org)
+    start, end = now - timedelta(days=10), now + timedelta(days=1)
+    for _ in range(2):
+        await aggregate_store.reaggregate("day", start, end, org)
+        await aggregate_store.reaggregate("month", start, end, org)
+        assert await aggregates(db, org) == expected
+
+    first_day = (now - timedelta(days=40)).date()
+    assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
+    await db.execute(
+        "UPDATE usage_aggregations SET value = value + 1 WHERE org_id = $1 AND event_type = "
+        "'api_call' AND period = 'month'",
+        org,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "metering", "reconcile", "--from", first_day.isoformat()],
+        env=settings_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert str(org) in result.stdout and "api_call" in result.stdout
+    assert "1 aggregates differ" in result.stderr
+    await aggregate_store.reaggregate("month", start, end, org)
+    assert await aggregates(db, org) == expected
+    assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
+
+
+async def test_access_check_limits_unlimited_and_plan_change(
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    aggregator: Aggregator,
+) -> None:
+    org = uuid.uuid4()
+    await subscribe(db, org, "free")
+    events = Events(event_store, org)
+    now = datetime.now(UTC)
+    await events.add("record_created", (now - timedelta(days=40)).isoformat(), 60)  # last month
+    await events.add("record_created", now.isoformat(), 35)  # lifetime 95
+    await events.add("api_call", now.isoformat(), 400)
+    await events.add("storage_used", now.isoformat(), 750_000_000)  # 0.75 GB
+    await aggregator.run_once()
+
+    records = await aggregate_store.check_access(org, "max_records", Decimal(5))
+    assert (records["limit"], Decimal(str(records["used"])), records["allowed"]) == (100, 95, True)
+    assert Decimal(str(records["remaining"])) == 5
+    assert (await aggregate_store.check_access(org, "max_records", Decimal(6)))["allowed"] is False
+    calls = await aggregate_store.check_access(org, "max_api_calls_per_month", Decimal(1))
+    assert (Decimal(str(calls["used"])), Decimal(str(calls["remaining"]))) == (400, 600)
+    storage = await aggregate_store.check_access(org, "max_storage_gb", Decimal(0))
+    assert Decimal(str(storage["used"])) == Decimal("0.75") and storage["allowed"] is True
+    flags = await aggregate_store.check_access(org, "features", Decimal(1))
+    assert flags["flags"]["api_access"] is False
+
+    # A plan change takes effect on the next check, without a restart.
+    await subscribe(db, org, "pro")
+    assert (await aggregate_store.check_access(org, "max_records", Decimal(6)))["allowed"] is True
+    assert (await aggregate_store.check_access(org, "features", Decimal(1)))["flags"][
+        "api_access"
+    ] is True
+    await db.execute(
+        "UPDATE plan_features SET limit_value = 90 WHERE plan = 'pro' AND feature_key = 'max_records'"
+    )
+    try:
+        assert (await aggregate_store.check_access(org, "max_records", Decimal(1)))[
+            "allowed"
+        ] is False
+    finally:
+        await db.execute(
+            "UPDATE plan_features SET limit_value = 10000 WHERE plan = 'pro' AND feature_key = 'max_records'"
+        )
+
+    await subscribe(db, org, "enterprise")
+    unlimited = await aggregate_store.check_access(org, "max_records", Decimal(10**12))
+    assert (
+        unlimited["limit"] == -1 and unlimited["unlimited"] is True and unlimited["allowed"] is True
+    )
+    assert unlimited["remaining"] is None
+
+    await db.execute("UPDATE org_subscriptions SET seats_in_use = 3 WHERE org_id = $1", org)
+    await subscribe(db, org, "pro")
+    seats = await aggregate_store.check_access(org, "max_seats", Decimal(2))
+    assert (seats["limit"], seats["used"], seats["allowed"]) == (5, 3, True)
+    assert (await aggregate_store.check_access(org, "max_seats", Decimal(3)))["allowed"] is False
+
+    with pytest.raises(asyncpg.NoDataFoundError):
+        await aggregate_store.check_access(org, "max_unicorns", Decimal(1))
+
+
+async def test_unknown_org_is_checked_against_free(aggregate_store: AggregateStore) -> None:
+    result = await aggregate_store.check_access(uuid.uuid4(), "max_mau", Decimal(1))
+    assert (result["plan"], result["limit"], result["used"], result["allowed"]) == (
+        "free",
+        100,
+        0,
+        True,
+    )

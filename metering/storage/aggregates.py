@@ -130,7 +130,8 @@ class AggregateStore:
                     }
                     crossed = [c for c in candidates if c.id in new_ids]
             await conn.execute(MOVE_WATERMARK, upper)
-            await conn.execute(RECORD_PASS, lower, upper, events)
+            if events:
+                await conn.execute(RECORD_PASS, lower, upper, events)
             return PassResult(lower, upper, events, ages, crossed)
 
     async def unpublished(self, limit: int = 500) -> list[Crossing]:
@@ -238,7 +239,7 @@ WITH wm AS (
            CASE min(aggregation)
                WHEN 'sum' THEN sum(quantity)
                WHEN 'distinct_users' THEN count(DISTINCT user_id)
-               ELSE (array_agg(quantity ORDER BY occurred_at DESC, event_id DESC))[1]
+               ELSE (array_agg(quantity ORDER BY occurred_at DESC, quantity DESC))[1]
            END AS value
     FROM ev GROUP BY org_id, event_type, period, period_start
 ), stored AS (

@@ -1,0 +1,153 @@
+"""Aggregation benchmarks on 10M events, each against a plain GROUP BY in the same run.
+
+    .venv/bin/python -m bench.aggregate [--events 10000000] [--increment 100000] [--rounds 3]
+
+1. Full re-aggregation: `aggregate_usage('day'|'month', ...)` over all events against
+   `CREATE TEMP TABLE .. AS SELECT .. GROUP BY` of the same rows at the same granularity
+   (both write their result; ours also deletes the old rows, handles time zones, gauges
+   and distinct users). Rounds alternate; medians are reported.
+2. Incremental pass: insert `--increment` new events on top, then time one aggregator pass
+   (day + month rows, limit checks, watermark) against the same plain GROUP BY over just
+   those new rows (selected the same way, by transaction id). Repeated `--rounds` times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import asyncpg
+
+from aggregator.service import decide_crossings
+from bench.common import fresh_environment, machine
+from metering.storage.aggregates import AggregateStore
+
+ORGS = 1000
+ZONES = ["UTC", "America/New_York", "Europe/Berlin", "Asia/Tokyo", "Australia/Sydney"]
+# Synthetic events in SQL (the consumer path is measured by bench.ingest): 1000 orgs,
+# 90% sums, 5% storage gauges, 5% user_active over 500 users, spread over 60 days.
+GENERATE = """
+INSERT INTO usage_events (org_id, event_id, event_type, user_id, quantity, occurred_at)
+SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g % 1000), 12, '0'))::uuid,
+       'g' || $3 || '-' || g,
+       CASE WHEN g % 20 = 0 THEN 'storage_used' WHEN g % 20 = 1 THEN 'user_active'
+            ELSE (ARRAY['api_call','record_created','automation_run','schedule_executed',
+                        'ai_tokens_used'])[1 + g % 5] END,
+       CASE WHEN g % 20 = 1
+            THEN ('00000000-0000-4000-9000-' || lpad(to_hex(g % 500), 12, '0'))::uuid END,
+       CASE WHEN g % 20 = 0 THEN (g * 7919) % 1000000000 ELSE 1 + g % 50 END,
+       now() - ((g * 104729) % (60 * 86400)) * interval '1 second'
+FROM generate_series($1::bigint, $2::bigint) AS g
+"""
+PLAIN_GROUP_BY = """
+CREATE TEMP TABLE plain_result AS
+SELECT org_id, event_type, date_trunc('{period}', occurred_at) AS period_start,
+       sum(quantity) AS value, count(*) AS events
+FROM usage_events {where}
+GROUP BY 1, 2, 3
+"""
+
+
+async def timed(conn: asyncpg.Connection, sql: str, *args: object) -> float:
+    started = time.perf_counter()
+    await conn.execute(sql, *args)
+    return time.perf_counter() - started
+
+
+async def main(events: int, increment: int, rounds: int) -> None:
+    settings = await fresh_environment("metering_bench_agg")
+    dsn = settings.database_url.get_secret_value()
+    print(f"machine: {machine()}", flush=True)
+    conn = await asyncpg.connect(dsn, command_timeout=3600)
+    await conn.execute(
+        "SELECT ensure_usage_event_partitions((now() - interval '3 months')::date, now()::date)"
+    )
+    await conn.execute(
+        "INSERT INTO org_subscriptions (org_id, plan, timezone) "
+        "SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, "
+        "(ARRAY['free','pro','business','enterprise'])[1 + g % 4], ($1::text[])[1 + g % 5] "
+        "FROM generate_series(0, 999) g",
+        ZONES,
+    )
+    started = time.perf_counter()
+    step = 1_000_000
+    for first in range(0, events, step):
+        await conn.execute(GENERATE, first, min(first + step, events) - 1, "base")
+        print(f"  generated {min(first + step, events):,} events", flush=True)
+    await conn.execute("VACUUM ANALYZE usage_events")
+    print(f"generated {events:,} events in {time.perf_counter() - started:.0f}s", flush=True)
+    # Everything generated so far is below the watermark: the full re-aggregation covers it.
+    await conn.execute(
+        "UPDATE aggregator_state SET watermark_xid = "
+        "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+    )
+    span = await conn.fetchrow(
+        "SELECT min(occurred_at) - interval '1 day' AS a, "
+        "max(occurred_at) + interval '1 day' AS b FROM usage_events"
+    )
+
+    print("\n== full re-aggregation of all events vs plain GROUP BY (same rows)", flush=True)
+    for period in ("day", "month"):
+        ours, plain = [], []
+        for _ in range(rounds):
+            plain.append(await timed(conn, PLAIN_GROUP_BY.format(period=period, where="")))
+            await conn.execute("DROP TABLE plain_result")
+            async with conn.transaction():
+                ours.append(
+                    await timed(
+                        conn, "SELECT aggregate_usage($1, $2, $3)", period, span["a"], span["b"]
+                    )
+                )
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM usage_aggregations WHERE period = $1", period
+        )
+        print(
+            f"{period:5}: aggregate_usage median {statistics.median(ours):.2f}s  "
+            f"plain GROUP BY median {statistics.median(plain):.2f}s  "
+            f"ratio {statistics.median(ours) / statistics.median(plain):.2f}  "
+            f"({rows:,} rows; runs ours {[round(x, 2) for x in ours]}, "
+            f"plain {[round(x, 2) for x in plain]})",
+            flush=True,
+        )
+
+    print(f"\n== incremental pass over {increment:,} new events on top of {events:,}", flush=True)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    store = AggregateStore(pool)
+    ours, plain = [], []
+    for round_number in range(rounds):
+        watermark = await conn.fetchval("SELECT watermark_xid FROM aggregator_state")
+        start = events + round_number * increment
+        await conn.execute(GENERATE, start, start + increment - 1, f"inc{round_number}")
+        await conn.execute("ANALYZE usage_events")
+        plain.append(
+            await timed(
+                conn,
+                PLAIN_GROUP_BY.format(period="day", where=f"WHERE ingest_xid >= {int(watermark)}"),
+            )
+        )
+        await conn.execute("DROP TABLE plain_result")
+        started = time.perf_counter()
+        result = await store.run_pass(decide_crossings)
+        ours.append(time.perf_counter() - started)
+        assert result.events == increment, result.events
+    print(
+        f"pass median {statistics.median(ours):.3f}s  plain GROUP BY median "
+        f"{statistics.median(plain):.3f}s  ratio {statistics.median(ours) / statistics.median(plain):.2f}  "
+        f"(runs ours {[round(x, 3) for x in ours]}, plain {[round(x, 3) for x in plain]})"
+    )
+    await pool.close()
+    await conn.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--increment", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(main(args.events, args.increment, args.rounds))

@@ -1,0 +1,146 @@
+"""Freshness and notification latency under a steady 5,000 events/s.
+
+    .venv/bin/python -m bench.freshness [--rate 5000] [--seconds 60]
+
+Starts `metering consume` and `metering aggregate`, runs `bench.load` in its own process,
+then measures, from the database and the limits topic:
+- freshness: for every event, the commit time of the aggregation pass that counted it
+  (aggregation_passes.finished_at) minus its occurred_at (set when it was produced);
+  from then on the access check sees it;
+- notification latency: for each probe (one crossing with a known cause), the Kafka
+  timestamp of its usage.limits message minus the probe's occurred_at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+
+from bench.common import ROOT, fresh_environment, machine, settings_env, start_metering
+
+PERCENTILES = """
+WITH per_event AS (
+    SELECT extract(epoch FROM (
+        SELECT p.finished_at FROM aggregation_passes p WHERE p.to_xid > e.ingest_xid
+        ORDER BY p.to_xid LIMIT 1) - e.occurred_at) AS seconds
+    FROM usage_events e WHERE e.event_type = 'ai_tokens_used'
+)
+SELECT count(*), percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY seconds), max(seconds)
+FROM per_event
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(round(q * (len(ordered) - 1)), len(ordered) - 1)
+    return ordered[index]
+
+
+async def main(rate: int, seconds: float) -> None:
+    settings = await fresh_environment("metering_bench_fresh")
+    dsn = settings.database_url.get_secret_value()
+    print(f"machine: {machine()}", flush=True)
+    logs = Path(tempfile.mkdtemp(prefix="bench-fresh-"))
+    consumer = start_metering(settings, "consume", "--metrics-port", "0", log=logs / "consume.log")
+    aggregator = start_metering(
+        settings, "aggregate", "--metrics-port", "0", log=logs / "aggregate.log"
+    )
+    await asyncio.sleep(5)  # both joined and idle
+    load = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.load",
+            "--topic",
+            settings.events_topic,
+            "--bootstrap",
+            settings.kafka_bootstrap_servers,
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+        ],
+        env=settings_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    probes = [line.split()[1] for line in load.stdout.splitlines() if line.startswith("probe ")]
+    print(load.stdout.splitlines()[-1], f"({len(probes)} probes)", flush=True)
+    conn = await asyncpg.connect(dsn)
+    expected = int(load.stdout.splitlines()[-1].split()[1]) + len(probes)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        lag = await conn.fetchval(
+            "SELECT count(*) FROM usage_events e, aggregator_state s WHERE e.ingest_xid >= s.watermark_xid"
+        )
+        stored = await conn.fetchval("SELECT count(*) FROM usage_events")
+        if stored >= expected and lag == 0:
+            break
+        await asyncio.sleep(0.5)
+    count, p50, p99, worst = await conn.fetchrow(PERCENTILES)
+    print(
+        f"freshness (produced -> aggregated, visible to the access check) over {count:,} events: "
+        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {worst * 1000:.0f} ms"
+    )
+
+    probe_times = {
+        str(r["org_id"]): r["occurred_at"].timestamp()
+        for r in await conn.fetch(
+            "SELECT org_id, occurred_at FROM usage_events WHERE event_id = 'probe'"
+        )
+    }
+    reader = AIOKafkaConsumer(
+        settings.limits_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await reader.start()
+    latencies: list[float] = []
+    try:
+        end = time.monotonic() + 15
+        while time.monotonic() < end and len(latencies) < len(probes):
+            for records in (await reader.getmany(timeout_ms=500)).values():
+                for record in records:
+                    message = json.loads(record.value)
+                    if message["org_id"] in probe_times and message["threshold_percent"] == 80:
+                        latencies.append(record.timestamp / 1000 - probe_times[message["org_id"]])
+    finally:
+        await reader.stop()
+    if latencies:
+        print(
+            f"notification latency (crossing event produced -> usage.limits message) over "
+            f"{len(latencies)} of {len(probes)} probes: p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
+            f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms"
+        )
+    else:
+        print("notification latency: no probe crossing arrived")
+    await conn.close()
+    for process in (consumer, aggregator):
+        process.send_signal(signal.SIGTERM)
+    for process in (consumer, aggregator):
+        process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=int, default=5000)
+    parser.add_argument("--seconds", type=float, default=60)
+    args = parser.parse_args()
+    asyncio.run(main(args.rate, args.seconds))

@@ -29,6 +29,8 @@ from metering.storage.events import EventStore
 from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
 
 log = logging.getLogger("metering.consumer")
+# Least privilege: the writer may insert events and first subscriptions, nothing else.
+WRITER_ROLE = "metering_writer"
 KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
 # After an unexpected error the batch is re-read; wait so a poison bug cannot spin the CPU.
 UNEXPECTED_ERROR_PAUSE_SECONDS = 2.0
@@ -71,7 +73,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         log.info("metrics on :%d/metrics", settings.metrics_port)
         dependencies = metrics.dependencies
         pool = await retry_until_done(
-            lambda: create_pool(settings, max_size=4),
+            lambda: create_pool(settings, max_size=4, role=WRITER_ROLE),
             dependency="postgres",
             transient=TRANSIENT_DB_ERRORS,
             metrics=dependencies,

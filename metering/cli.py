@@ -535,6 +535,126 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
+# ---------------------------------------------------------------- serve
+@cli.command()
+@click.option("--port", type=int, default=None, help="Port (default METERING_HTTP_PORT, 8080).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.pass_context
+def serve(ctx: click.Context, port: int | None, host: str) -> None:
+    """Serve the HTTP API (uvicorn; SIGTERM/Ctrl-C finish in-flight requests, then stop).
+
+    OpenAPI at /openapi.json; every /v1 call needs a key from `metering keys create`.
+    """
+    import uvicorn
+
+    from metering.api.app import create_app
+
+    settings = _settings(ctx)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port or settings.http_port,
+        log_level="warning",
+        timeout_graceful_shutdown=20,
+        access_log=False,
+    )
+
+
+# ----------------------------------------------------------------- keys
+@cli.group()
+def keys() -> None:
+    """API keys: create (printed once), list, revoke. Only hashes are stored."""
+
+
+@keys.command("create")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(["ingest", "read", "admin"]),
+    help="Repeat for several scopes.",
+)
+@click.option("--org", "org_id", default=None, help="Bind the key to one organization.")
+@click.option("--name", default="", help="A note to recognise the key by.")
+@click.pass_context
+def keys_create(ctx: click.Context, scopes: tuple[str, ...], org_id: str | None, name: str) -> None:
+    """Create a key and print it once: store it now, it cannot be shown again."""
+    from metering.storage.keys import KeyStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+    org = _parse_org(org_id) if org_id else None
+
+    async def main() -> str:
+        pool = await create_pool(settings)
+        try:
+            key, _ = await KeyStore(pool).create(sorted(set(scopes)), org, name)
+            return key
+        finally:
+            await pool.close()
+
+    click.echo(_run(main()))
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """List keys (prefix, scopes, organization, state); never the secret."""
+    from metering.storage.keys import KeyStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+
+    async def main() -> list[Any]:
+        pool = await create_pool(settings)
+        try:
+            return await KeyStore(pool).list()
+        finally:
+            await pool.close()
+
+    found = _run(main())
+    if not found:
+        click.echo("no keys; create one with `metering keys create --scope read`")
+        return
+    _table(
+        ["prefix", "scopes", "org", "name", "created", "state"],
+        [
+            [
+                k.prefix,
+                ",".join(sorted(k.scopes)),
+                str(k.org_id or "any"),
+                k.name,
+                k.created_at.isoformat(timespec="seconds"),
+                "revoked" if k.revoked_at else "active",
+            ]
+            for k in found
+        ],
+    )
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+@click.pass_context
+def keys_revoke(ctx: click.Context, prefix: str) -> None:
+    """Revoke the key with PREFIX (see `keys list`); it stops working at once."""
+    from metering.storage.keys import KeyStore
+    from metering.storage.pool import create_pool
+
+    settings = _settings(ctx)
+
+    async def main() -> bool:
+        pool = await create_pool(settings)
+        try:
+            return await KeyStore(pool).revoke(prefix)
+        finally:
+            await pool.close()
+
+    if not _run(main()):
+        raise click.ClickException(f"no active key with prefix {prefix!r}")
+    click.echo(f"revoked {prefix}")
+
+
 # ------------------------------------------------------------------ run
 @cli.command()
 @click.option(

@@ -22,6 +22,7 @@ def service_children(settings: Settings) -> list[Child]:
     return [
         Child("consume", ["consume", "--metrics-port", str(settings.metrics_port)]),
         Child("aggregate", ["aggregate", "--metrics-port", str(settings.metrics_port + 1)]),
+        Child("serve", ["serve", "--port", str(settings.http_port)]),
     ]
 
 

@@ -24,14 +24,26 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    """Open a pool to `METERING_DATABASE_URL`. Raises a transient error if Postgres is down."""
+async def create_pool(
+    settings: Settings, *, min_size: int = 1, max_size: int = 4, role: str | None = None
+) -> asyncpg.Pool:
+    """Open a pool to `METERING_DATABASE_URL`. Raises a transient error if Postgres is down.
+
+    With `role`, every connection acts as that role (`SET ROLE`; `RESET ALL` does not undo
+    it), so a process holds only the privileges of its job (migration 004).
+    """
+
+    async def become(conn: asyncpg.Connection) -> None:
+        if role is not None:
+            await conn.execute(f"SET ROLE {role}")  # role names are constants of this codebase
+
     pool = await asyncpg.create_pool(
         settings.database_url.get_secret_value(),
         min_size=min_size,
         max_size=max_size,
         command_timeout=60,
         server_settings={"application_name": "metering"},
+        init=become,
     )
     assert pool is not None
     return pool

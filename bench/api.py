@@ -1,0 +1,152 @@
+"""HTTP API benchmarks, with the load generator in its own process (bench.api_load).
+
+    .venv/bin/python -m bench.api [--rate 1000] [--seconds 30] [--events 200000]
+
+1. Access check: GET /v1/orgs/{org}/features/max_api_calls_per_month at a fixed rate
+   (open loop) over 1,000 organizations with aggregated usage; p50/p99 as the client saw them.
+2. Ingestion: POST /v1/events in batches of 500 (4 concurrent requests) with the consumer
+   running; events/s from the first request to the last event stored in usage_events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+from bench.common import ROOT, fresh_environment, machine, settings_env, start_metering
+from metering.storage.keys import KeyStore
+
+SEED_USAGE = """
+INSERT INTO org_subscriptions (org_id, plan)
+SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid,
+       (ARRAY['free','pro','business','enterprise'])[1 + g % 4]
+FROM generate_series(0, 999) g;
+INSERT INTO usage_aggregations (org_id, event_type, period, period_start, value, event_count)
+SELECT s.org_id, 'api_call', 'month', date_trunc('month', now())::date, 500, 500
+FROM org_subscriptions s;
+"""
+
+
+async def main(rate: int, seconds: float, events: int) -> None:
+    settings = await fresh_environment("metering_bench_api")
+    print(f"machine: {machine()}", flush=True)
+    dsn = settings.database_url.get_secret_value()
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(SEED_USAGE)
+    orgs = [str(r["org_id"]) for r in await conn.fetch("SELECT org_id FROM org_subscriptions")]
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    key, _ = await KeyStore(pool).create(["admin"], None, "bench")
+    await pool.close()
+    logs = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    orgs_file = logs / "orgs.txt"
+    orgs_file.write_text("\n".join(orgs))
+    port = 18080
+    server = subprocess.Popen(
+        [sys.executable, "-m", "metering", "serve", "--port", str(port)],
+        env=settings_env(settings),
+        cwd=ROOT,
+        stdout=(logs / "serve.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.sleep(3)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.api_load",
+                "check",
+                "--url",
+                url,
+                "--key",
+                key,
+                "--orgs-file",
+                str(orgs_file),
+                "--rate",
+                str(rate),
+                "--seconds",
+                str(seconds),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        check = json.loads(result.stdout)
+        print(
+            f"access check at {rate}/s for {seconds:.0f}s: achieved {check['achieved_rate']:.0f}/s, "
+            f"p50 {check['p50_ms']:.2f} ms, p99 {check['p99_ms']:.2f} ms, max {check['max_ms']:.1f} ms, "
+            f"statuses {check['statuses']}",
+            flush=True,
+        )
+
+        consumer = start_metering(
+            settings, "consume", "--metrics-port", "0", log=logs / "consume.log"
+        )
+        await asyncio.sleep(4)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.api_load",
+                "ingest",
+                "--url",
+                url,
+                "--key",
+                key,
+                "--events",
+                str(events),
+                "--batch",
+                "500",
+                "--concurrency",
+                "4",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        load = json.loads(result.stdout)
+        deadline = time.monotonic() + 120
+        while (
+            await conn.fetchval("SELECT count(*) FROM usage_events") < events
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.2)
+        last = await conn.fetchval("SELECT extract(epoch FROM max(received_at)) FROM usage_events")
+        stored = await conn.fetchval("SELECT count(*) FROM usage_events")
+        span = float(last) + 0.2 - load["started_at"]
+        print(
+            f"ingestion over HTTP, batches of 500: {stored:,} events stored in {span:.2f}s = "
+            f"{stored / span:,.0f} events/s end to end (HTTP accepted all in "
+            f"{load['accepted_seconds']:.2f}s = {events / load['accepted_seconds']:,.0f}/s; "
+            f"failed requests {load['failed_requests']})",
+            flush=True,
+        )
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(timeout=30)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        await conn.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--events", type=int, default=200_000)
+    args = parser.parse_args()
+    asyncio.run(main(args.rate, args.seconds, args.events))

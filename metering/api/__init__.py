@@ -1,0 +1,1 @@
+"""The HTTP API of contract section 5 (`metering serve`)."""

@@ -1,0 +1,102 @@
+"""API keys: created once, stored only as a SHA-256 hash, compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+KEY_PREFIX = "mk"
+INSERT_KEY = """
+INSERT INTO api_keys (id, prefix, secret_hash, scopes, org_id, name)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+KEY_BY_PREFIX = """
+SELECT id, prefix, secret_hash, scopes, org_id, name, created_at, revoked_at
+FROM api_keys WHERE prefix = $1
+"""
+LIST_KEYS = """
+SELECT id, prefix, secret_hash, scopes, org_id, name, created_at, revoked_at
+FROM api_keys ORDER BY created_at
+"""
+REVOKE_KEY = """
+UPDATE api_keys SET revoked_at = now() WHERE prefix = $1 AND revoked_at IS NULL RETURNING id
+"""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: uuid.UUID
+    prefix: str
+    scopes: frozenset[str]
+    org_id: uuid.UUID | None
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def allows(self, scope: str) -> bool:
+        """`admin` may do everything; otherwise the scope must be granted."""
+        return "admin" in self.scopes or scope in self.scopes
+
+    def may_access(self, org_id: uuid.UUID) -> bool:
+        return self.org_id is None or self.org_id == org_id
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _record_to_key(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        row["id"],
+        row["prefix"],
+        frozenset(row["scopes"]),
+        row["org_id"],
+        row["name"],
+        row["created_at"],
+        row["revoked_at"],
+    )
+
+
+class KeyStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create(
+        self, scopes: list[str], org_id: uuid.UUID | None, name: str = ""
+    ) -> tuple[str, ApiKey]:
+        """Create a key; return the full key (shown once, never stored) and its record."""
+        prefix = secrets.token_hex(4)
+        key = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+        key_id = uuid.uuid4()
+        async with self._pool.acquire() as conn:
+            await conn.execute(INSERT_KEY, key_id, prefix, _hash(key), scopes, org_id, name)
+            row = await conn.fetchrow(KEY_BY_PREFIX, prefix)
+        assert row is not None
+        return key, _record_to_key(row)
+
+    async def authenticate(self, presented: str) -> ApiKey | None:
+        """The live key matching `presented`, or None (unknown, malformed or revoked)."""
+        parts = presented.split("_", 2)
+        if len(parts) != 3 or parts[0] != KEY_PREFIX:
+            return None
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(KEY_BY_PREFIX, parts[1])
+        if row is None or not hmac.compare_digest(row["secret_hash"], _hash(presented)):
+            return None
+        if row["revoked_at"] is not None:
+            return None
+        return _record_to_key(row)
+
+    async def list(self) -> list[ApiKey]:
+        async with self._pool.acquire() as conn:
+            return [_record_to_key(r) for r in await conn.fetch(LIST_KEYS)]
+
+    async def revoke(self, prefix: str) -> bool:
+        async with self._pool.acquire() as conn:
+            return await conn.fetchval(REVOKE_KEY, prefix) is not None

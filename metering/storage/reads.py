@@ -1,0 +1,117 @@
+"""The API's storage: reads as the `metering_reader` role restricted to one organization
+by row-level security, and the admin writes (subscriptions)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import date
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from metering.storage.aggregates import CHECK_ACCESS, USAGE_ROWS
+
+# Every read runs in a transaction whose role is the read-only role and whose
+# metering.org_id setting is the organization the request is about: row-level security
+# then hides every other organization's rows, whatever the query.
+BECOME_READER = "SET LOCAL ROLE metering_reader"
+SCOPE_TO_ORG = "SELECT set_config('metering.org_id', $1, true)"
+ENTITLEMENTS = """
+SELECT pf.feature_key, check_feature_access(NULL, pf.feature_key, $1, 0) AS access
+FROM plan_features pf
+WHERE pf.plan = coalesce((SELECT plan FROM org_subscriptions WHERE org_id = $1), 'free')
+ORDER BY pf.feature_key
+"""
+PLANS = """
+SELECT p.plan, p.rank, pf.feature_key, pf.limit_value, pf.flags
+FROM plans p JOIN plan_features pf USING (plan)
+ORDER BY p.rank, pf.feature_key
+"""
+UPSERT_SUBSCRIPTION = """
+INSERT INTO org_subscriptions AS s (org_id, plan, status, seats, seats_in_use, timezone)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (org_id) DO UPDATE
+SET plan = excluded.plan, status = excluded.status, seats = excluded.seats,
+    seats_in_use = excluded.seats_in_use, timezone = excluded.timezone
+RETURNING org_id, plan, status, seats, seats_in_use, timezone, updated_at
+"""
+PLAN_EXISTS = "SELECT EXISTS (SELECT 1 FROM plans WHERE plan = $1)"
+ZONE_VALID = "SELECT is_valid_timezone($1)"
+FEATURE_EXISTS = "SELECT EXISTS (SELECT 1 FROM plan_features WHERE feature_key = $1)"
+
+
+class ReadStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def _as_org(self, org_id: UUID) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.execute(BECOME_READER)
+            await conn.execute(SCOPE_TO_ORG, str(org_id))
+            yield conn
+
+    async def check(
+        self, org_id: UUID, feature_key: str, requested: Decimal
+    ) -> dict[str, Any] | None:
+        """The access check, or None for a feature key no plan has."""
+        async with self._as_org(org_id) as conn:
+            if not await conn.fetchval(FEATURE_EXISTS, feature_key):
+                return None
+            result: dict[str, Any] = json.loads(
+                await conn.fetchval(CHECK_ACCESS, None, feature_key, org_id, requested)
+            )
+            return result
+
+    async def entitlements(self, org_id: UUID) -> list[dict[str, Any]]:
+        async with self._as_org(org_id) as conn:
+            rows = await conn.fetch(ENTITLEMENTS, org_id)
+        return [json.loads(r["access"]) for r in rows]
+
+    async def usage(
+        self,
+        org_id: UUID,
+        period: str,
+        start: date | None,
+        end: date | None,
+        event_type: str | None,
+    ) -> list[asyncpg.Record]:
+        async with self._as_org(org_id) as conn:
+            return list(await conn.fetch(USAGE_ROWS, org_id, period, start, end, event_type))
+
+    async def plans(self) -> list[asyncpg.Record]:
+        async with self._pool.acquire() as conn:
+            return list(await conn.fetch(PLANS))
+
+    async def ping(self) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+
+class SubscriptionStore:
+    """Admin writes; the caller has checked the admin scope."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def plan_exists(self, plan: str) -> bool:
+        async with self._pool.acquire() as conn:
+            return bool(await conn.fetchval(PLAN_EXISTS, plan))
+
+    async def zone_valid(self, zone: str) -> bool:
+        async with self._pool.acquire() as conn:
+            return bool(await conn.fetchval(ZONE_VALID, zone))
+
+    async def put(
+        self, org_id: UUID, plan: str, status: str, seats: int, seats_in_use: int, timezone: str
+    ) -> asyncpg.Record:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                UPSERT_SUBSCRIPTION, org_id, plan, status, seats, seats_in_use, timezone
+            )
+        assert row is not None
+        return row

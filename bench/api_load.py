@@ -20,36 +20,59 @@ from datetime import UTC, datetime
 import httpx
 
 
+async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return status
+
+
 async def check(url: str, key: str, orgs: list[str], rate: int, seconds: float) -> None:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    """Open loop over keep-alive connections: request n is due at start + n/rate; its
+    latency runs from that due time, so time spent queued in this client counts too."""
+    host, port = url.removeprefix("http://").split(":")
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    async with httpx.AsyncClient(
-        base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=10
-    ) as client:
+    total = int(rate * seconds)
+    due: asyncio.Queue[tuple[int, float]] = asyncio.Queue()
 
-        async def one(n: int) -> None:
-            started = time.perf_counter()
-            response = await client.get(
-                f"/v1/orgs/{orgs[n % len(orgs)]}/features/max_api_calls_per_month"
-            )
-            latencies.append(time.perf_counter() - started)
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+    def request(n: int) -> bytes:
+        return (
+            f"GET /v1/orgs/{orgs[n % len(orgs)]}/features/max_api_calls_per_month HTTP/1.1\r\n"
+            f"Host: {host}\r\nAuthorization: Bearer {key}\r\n\r\n"
+        ).encode()
 
-        for n in range(200):  # warm the connection pool
-            await one(n)
-        latencies.clear()
-        statuses.clear()
-        tasks = []
-        begin = time.perf_counter()
-        total = int(rate * seconds)
-        for n in range(total):
-            delay = begin + n / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(n)))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - begin
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for n in range(20):  # warm-up, not measured
+            await _get(reader, writer, request(n))
+        while True:
+            n, due_at = await due.get()
+            if n < 0:
+                break
+            status = await _get(reader, writer, request(n))
+            latencies.append(time.perf_counter() - due_at)
+            statuses[status] = statuses.get(status, 0) + 1
+        writer.close()
+
+    workers = [asyncio.create_task(connection()) for _ in range(32)]
+    await asyncio.sleep(1)
+    begin = time.perf_counter()
+    for n in range(total):
+        due_at = begin + n / rate
+        delay = due_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        due.put_nowait((n, due_at))
+    for _ in workers:
+        due.put_nowait((-1, 0.0))
+    await asyncio.gather(*workers)
+    elapsed = time.perf_counter() - begin
     ordered = sorted(latencies)
     print(
         json.dumps(

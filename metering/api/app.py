@@ -16,11 +16,11 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import asyncpg
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from faststream.kafka import KafkaBroker
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -202,6 +202,36 @@ class ApiMetrics:
         )
 
 
+class MetricsMiddleware:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware costs ~0.3 ms per request)."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.latency.labels(route, scope["method"]).observe(
+                time.perf_counter() - started
+            )
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+
+
 def create_app(settings: Settings) -> FastAPI:
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
@@ -210,17 +240,17 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         pool = await create_pool(settings, max_size=10)
-        broker = KafkaBroker(
-            settings.kafka_bootstrap_servers,
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
-            log_level=logging.DEBUG,
+            max_batch_size=512 * 1024,
         )
-        await broker.start()
+        await producer.start()
         state.update(
             pool=pool,
-            broker=broker,
+            producer=producer,
             keys=KeyStore(pool),
             reads=ReadStore(pool),
             subscriptions=SubscriptionStore(pool),
@@ -228,7 +258,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            await broker.stop()
+            await producer.stop()
             await pool.close()
 
     app = FastAPI(
@@ -239,17 +269,7 @@ def create_app(settings: Settings) -> FastAPI:
         "Every /v1 call needs `Authorization: Bearer <key>` (see `metering keys create`).",
     )
 
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        metrics.latency.labels(name, request.method).observe(time.perf_counter() - started)
-        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
-        return response
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def error_response(status: int, code: str, reason: str, **extra: Any) -> JSONResponse:
         headers = (
@@ -412,17 +432,16 @@ def create_app(settings: Settings) -> FastAPI:
                     for i in foreign
                 ],
             )
-        broker: KafkaBroker = state["broker"]
+        producer: AIOKafkaProducer = state["producer"]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                await asyncio.gather(
-                    *(
-                        broker.publish(
-                            e.to_json(), topic=settings.events_topic, key=str(e.org_id).encode()
-                        )
-                        for e in events
+                acks = [
+                    await producer.send(
+                        settings.events_topic, e.to_json(), key=str(e.org_id).encode()
                     )
-                )
+                    for e in events
+                ]
+                await asyncio.gather(*acks)
         except (KafkaError, TimeoutError, OSError) as error:
             # Some events may be on Kafka already: a retry of the same request is safe,
             # because every event carries its id and the consumer stores each id once.
@@ -571,7 +590,7 @@ def create_app(settings: Settings) -> FastAPI:
             problems.append(f"postgres: {type(error).__name__}")
         try:
             async with asyncio.timeout(2):
-                await state["broker"].ping(timeout=2)
+                await state["producer"].client.fetch_all_metadata()
         except Exception as error:
             problems.append(f"kafka: {type(error).__name__}")
         if problems:

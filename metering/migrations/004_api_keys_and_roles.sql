@@ -55,3 +55,19 @@ CREATE POLICY reader_own_org ON org_subscriptions FOR SELECT TO metering_reader
 -- The writer stores events of every organization (the consumer serves all of them).
 CREATE POLICY writer_all ON usage_events FOR ALL TO metering_writer USING (true) WITH CHECK (true);
 CREATE POLICY writer_all ON org_subscriptions FOR ALL TO metering_writer USING (true) WITH CHECK (true);
+
+-- The API's access check in one round trip: become the reader role and scope the session
+-- to one organization for this transaction only, then check. Returns NULL for a feature
+-- key no plan has. SECURITY INVOKER (the default): the role switch and RLS apply inside.
+CREATE FUNCTION reader_check_feature_access(p_org_id uuid, p_feature_key text, p_requested numeric)
+RETURNS jsonb
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('role', 'metering_reader', true);
+    PERFORM set_config('metering.org_id', p_org_id::text, true);
+    IF NOT EXISTS (SELECT 1 FROM plan_features WHERE feature_key = p_feature_key) THEN
+        RETURN NULL;
+    END IF;
+    RETURN check_feature_access(NULL, p_feature_key, p_org_id, p_requested);
+END;
+$$;

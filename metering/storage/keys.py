@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,9 +64,15 @@ def _record_to_key(row: asyncpg.Record) -> ApiKey:
     )
 
 
+# Authenticated keys are remembered this long, so the hot path skips a query; a revoked
+# key stops working within this many seconds on every API process.
+KEY_CACHE_SECONDS = 2.0
+
+
 class KeyStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._recent: dict[bytes, tuple[float, ApiKey]] = {}
 
     async def create(
         self, scopes: list[str], org_id: uuid.UUID | None, name: str = ""
@@ -85,13 +92,21 @@ class KeyStore:
         parts = presented.split("_", 2)
         if len(parts) != 3 or parts[0] != KEY_PREFIX:
             return None
+        digest = _hash(presented)
+        cached = self._recent.get(digest)
+        if cached is not None and time.monotonic() - cached[0] < KEY_CACHE_SECONDS:
+            return cached[1]
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(KEY_BY_PREFIX, parts[1])
-        if row is None or not hmac.compare_digest(row["secret_hash"], _hash(presented)):
+        if row is None or not hmac.compare_digest(row["secret_hash"], digest):
             return None
         if row["revoked_at"] is not None:
             return None
-        return _record_to_key(row)
+        key = _record_to_key(row)
+        if len(self._recent) > 10_000:
+            self._recent.clear()
+        self._recent[digest] = (time.monotonic(), key)
+        return key
 
     async def list(self) -> list[ApiKey]:
         async with self._pool.acquire() as conn:

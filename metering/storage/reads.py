@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from metering.storage.aggregates import CHECK_ACCESS, USAGE_ROWS
+from metering.storage.aggregates import USAGE_ROWS
 
 # Every read runs in a transaction whose role is the read-only role and whose
 # metering.org_id setting is the organization the request is about: row-level security
@@ -41,7 +41,7 @@ RETURNING org_id, plan, status, seats, seats_in_use, timezone, updated_at
 """
 PLAN_EXISTS = "SELECT EXISTS (SELECT 1 FROM plans WHERE plan = $1)"
 ZONE_VALID = "SELECT is_valid_timezone($1)"
-FEATURE_EXISTS = "SELECT EXISTS (SELECT 1 FROM plan_features WHERE feature_key = $1)"
+READER_CHECK = "SELECT reader_check_feature_access($1, $2, $3)"
 
 
 class ReadStore:
@@ -58,14 +58,14 @@ class ReadStore:
     async def check(
         self, org_id: UUID, feature_key: str, requested: Decimal
     ) -> dict[str, Any] | None:
-        """The access check, or None for a feature key no plan has."""
-        async with self._as_org(org_id) as conn:
-            if not await conn.fetchval(FEATURE_EXISTS, feature_key):
-                return None
-            result: dict[str, Any] = json.loads(
-                await conn.fetchval(CHECK_ACCESS, None, feature_key, org_id, requested)
-            )
-            return result
+        """The access check as the reader role scoped to `org_id` (one round trip), or None
+        for a feature key no plan has."""
+        async with self._pool.acquire() as conn:
+            raw = await conn.fetchval(READER_CHECK, org_id, feature_key, requested)
+        if raw is None:
+            return None
+        result: dict[str, Any] = json.loads(raw)
+        return result
 
     async def entitlements(self, org_id: UUID) -> list[dict[str, Any]]:
         async with self._as_org(org_id) as conn:

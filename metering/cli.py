@@ -342,10 +342,18 @@ def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, pe
     windows = _month_windows(first, last)
 
     async def main() -> int:
+        from metering.storage.retention import raw_events_from
+
         pool = await create_pool(settings)
         store = AggregateStore(pool)
         written = 0
         try:
+            horizon = await raw_events_from(pool)
+            if horizon is not None and first < horizon:
+                raise click.ClickException(
+                    f"raw events before {horizon.isoformat()} were dropped by retention; "
+                    "re-aggregating that window would erase its aggregates"
+                )
             with tqdm(total=len(windows) * len(periods), unit="window", file=sys.stderr) as bar:
                 for window_start, window_end in windows:
                     for name in periods:
@@ -533,6 +541,57 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
     click.echo("  ".join("-" * w for w in widths))
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+# ------------------------------------------------------------ retention
+@cli.command()
+@click.option("--keep", required=True, help="How much raw history to keep: 13mo, 400d ...")
+@click.option("--dry-run", is_flag=True, help="Only print what would be dropped.")
+@click.pass_context
+def retention(ctx: click.Context, keep: str, dry_run: bool) -> None:
+    """Drop monthly partitions of usage_events older than --keep (aggregates are kept).
+
+    The month containing the horizon is kept whole. Dedupe keys of dropped events go too.
+    Afterwards `reaggregate` refuses windows before the horizon.
+    """
+    from metering.storage.pool import create_pool
+    from metering.storage.retention import apply_retention
+
+    settings = _settings(ctx)
+    keep_from = _keep_from(keep, datetime.now(UTC))
+
+    async def main() -> list[Any]:
+        pool = await create_pool(settings)
+        try:
+            return await apply_retention(pool, keep_from, dry_run)
+        finally:
+            await pool.close()
+
+    dropped = _run(main())
+    verb = "would drop" if dry_run else "dropped"
+    for row in dropped:
+        click.echo(
+            f"{verb} {row['partition_name']} ({row['range_start']:%Y-%m-%d} .. "
+            f"{row['range_end']:%Y-%m-%d}, {row['events']} events)"
+        )
+    click.echo(f"{verb} {len(dropped)} partitions; raw events kept from {keep_from:%Y-%m-%d}")
+
+
+def _keep_from(keep: str, now: datetime) -> datetime:
+    import re
+
+    match = re.fullmatch(r"(\d+)(mo|d)", keep.strip())
+    if match is None:
+        raise click.BadParameter(
+            "use a number of months or days, e.g. 13mo or 400d", param_hint="--keep"
+        )
+    amount = int(match.group(1))
+    if match.group(2) == "d":
+        return now - timedelta(days=amount)
+    index = now.year * 12 + now.month - 1 - amount
+    return now.replace(
+        year=index // 12, month=index % 12 + 1, day=1, hour=0, minute=0, second=0, microsecond=0
+    )
 
 
 # ---------------------------------------------------------------- serve

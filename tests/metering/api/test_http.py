@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from metering.config import Settings
-from tests.conftest import ConsumerProcess, async_wait_for, read_topic
-from tests.metering.api.conftest import Server
+from tests.conftest import ConsumerProcess, Server, async_wait_for, read_topic
 
 pytestmark = pytest.mark.services
 

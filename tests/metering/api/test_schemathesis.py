@@ -18,7 +18,7 @@ from schemathesis.checks import (
 )
 
 from metering.config import Settings
-from tests.metering.api.conftest import Server
+from tests.conftest import Server
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

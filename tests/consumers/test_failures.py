@@ -116,3 +116,27 @@ async def test_two_consumers_one_killed_rebalances(
     await wait_until_complete_and_settled(migrated_database, stream)
     assert second.process.poll() is None
     assert "assigned to partitions" in second.log_text()
+
+
+async def test_three_consumers_on_six_partitions_started_and_stopped_in_turn(
+    small_batches: Settings,
+    producer: AIOKafkaProducer,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    """The scaling path of docs/scaling.md: members join and leave while the stream flows."""
+    stream = await publish_stream(producer, small_batches, events=30_000, seed=15)
+    first = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.1)
+    second = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.25)
+    third = start_consumer(small_batches)
+    await wait_until_partly_stored(migrated_database, stream, 0.4)
+    assert first.stop() == 0  # graceful leave
+    await wait_until_partly_stored(migrated_database, stream, 0.55)
+    second.kill()  # crash
+    await wait_until_partly_stored(migrated_database, stream, 0.7)
+    start_consumer(small_batches)  # a replacement joins
+    await wait_until_complete_and_settled(migrated_database, stream)
+    assert third.process.poll() is None
+    assert "assigned to partitions" in third.log_text()

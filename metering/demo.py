@@ -1,63 +1,136 @@
-"""Sample traffic for newcomers: a few organizations, every event type, rows you can see."""
+"""`metering run --demo`: realistic traffic for four organizations on the four plans, so a
+newcomer sees rows arrive, aggregates grow, an access check flip to denied and a
+`usage.limits` message, within a minute."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sys
+import time
 import uuid
+from decimal import Decimal
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer
 
 from metering.client import UsageClient
 from metering.config import Settings
+from metering.storage.aggregates import AggregateStore
+from metering.storage.reads import SubscriptionStore
 
-COUNT_DEMO_EVENTS = "SELECT count(*) FROM usage_events WHERE org_id = ANY($1::uuid[])"
+DEMO_ORGS = {
+    "free": uuid.UUID("00000000-0000-4000-8000-000000000001"),
+    "pro": uuid.UUID("00000000-0000-4000-8000-000000000002"),
+    "business": uuid.UUID("00000000-0000-4000-8000-000000000003"),
+    "enterprise": uuid.UUID("00000000-0000-4000-8000-000000000004"),
+}
 LOOK_AT_ROWS = (
     "SELECT org_id, event_type, quantity, occurred_at FROM usage_events "
     "ORDER BY received_at DESC LIMIT 10"
 )
-DEMO_ORGS = [uuid.UUID(f"00000000-0000-4000-8000-00000000000{n}") for n in range(1, 5)]
+TYPES = ["api_call", "record_created", "automation_run", "ai_tokens_used", "user_active"]
 
 
-async def publish_samples(settings: Settings, events: int = 200) -> None:
-    """Publish `events` sample events for the demo orgs, wait until the consumer stored
-    them, and print how to look at them."""
-    rng = random.Random()
-    users = [uuid.uuid4() for _ in range(8)]
-    types = ["api_call", "record_created", "automation_run", "ai_tokens_used", "user_active"]
-    async with UsageClient(settings) as client:
-        for _ in range(events):
-            kind = rng.choice(types)
-            event = client.build(
-                org_id=rng.choice(DEMO_ORGS),
-                type=kind,
-                quantity=rng.randint(1, 20),
-                user_id=rng.choice(users) if kind == "user_active" else None,
-            )
-            await client.enqueue(event)
-        await client.flush()
+def say(text: str) -> None:
+    print(f"demo: {text}", file=sys.stderr, flush=True)
+
+
+async def publish_samples(settings: Settings, seconds: float = 60) -> None:
+    """Run the demo (see the module docstring); prints each step as it happens."""
     dsn = settings.database_url.get_secret_value()
-    stored = 0
-    for _ in range(120):
+    pool = None
+    for _ in range(60):
         try:
-            conn = await asyncpg.connect(dsn)
-            try:
-                stored = await conn.fetchval(COUNT_DEMO_EVENTS, DEMO_ORGS)
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError):
-            pass
-        if stored >= events:
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
             break
-        await asyncio.sleep(0.5)
-    print(
-        f"\ndemo: published {events} sample events for {len(DEMO_ORGS)} organizations; "
-        f"{stored} are in usage_events now. Look at them with:\n"
-        f"  psql {dsn} -c '{LOOK_AT_ROWS}'\n"
-        f"  curl -s localhost:{settings.metrics_port}/metrics | grep ^metering_events\n"
-        f"  .venv/bin/metering send --org {DEMO_ORGS[0]} --type api_call --quantity 5\n"
-        "Press Ctrl-C to stop.\n",
-        file=sys.stderr,
-        flush=True,
+        except (OSError, asyncpg.PostgresError):
+            await asyncio.sleep(0.5)
+    if pool is None:
+        say("PostgreSQL is not reachable; run `metering dev up` first")
+        return
+    limits = AIOKafkaConsumer(
+        settings.limits_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        group_id=None,
     )
+    try:
+        await limits.start()
+        subscriptions = SubscriptionStore(pool)
+        for plan, org in DEMO_ORGS.items():
+            await subscriptions.put(
+                org, plan, "active", 5, 1, "Europe/Berlin" if plan == "pro" else "UTC"
+            )
+        store = AggregateStore(pool)
+        free = DEMO_ORGS["free"]
+        before = await store.check_access(free, "max_api_calls_per_month", Decimal(1))
+        say(
+            "organizations, one per plan: "
+            + ", ".join(f"{plan} {org}" for plan, org in DEMO_ORGS.items())
+        )
+        say(
+            f"free org api calls this month: used {before['used']} of {before['limit']}, "
+            f"allowed={before['allowed']}"
+        )
+        await _traffic(settings, store, limits, seconds)
+        say(
+            "done. Look at the rows with:\n"
+            f"  psql {dsn} -c '{LOOK_AT_ROWS}'\n"
+            f"  .venv/bin/metering usage {free}\n"
+            f"  .venv/bin/metering check {free} max_api_calls_per_month\n"
+            f"  curl -s localhost:{settings.metrics_port}/metrics | grep ^metering_events\n"
+            "Press Ctrl-C to stop the service."
+        )
+    finally:
+        await limits.stop()
+        await pool.close()
+
+
+async def _traffic(
+    settings: Settings, store: AggregateStore, limits: AIOKafkaConsumer, seconds: float
+) -> None:
+    rng = random.Random()
+    users = [uuid.uuid4() for _ in range(12)]
+    free = DEMO_ORGS["free"]
+    flipped = noticed = False
+    sent = 0
+    started = time.monotonic()
+    async with UsageClient(settings) as client:
+        while time.monotonic() - started < seconds:
+            for org in DEMO_ORGS.values():
+                kind = rng.choice(TYPES)
+                await client.enqueue(
+                    client.build(
+                        org_id=org,
+                        type=kind,
+                        quantity=rng.randint(1, 20),
+                        user_id=rng.choice(users) if kind == "user_active" else None,
+                    )
+                )
+                sent += 1
+            # the free org calls the API hard: 1,000 calls a month is its limit
+            await client.enqueue(client.build(org_id=free, type="api_call", quantity=40))
+            sent += 1
+            await client.flush()
+            if not flipped:
+                check = await store.check_access(free, "max_api_calls_per_month", Decimal(1))
+                if not check["allowed"]:
+                    flipped = True
+                    say(
+                        f"after {time.monotonic() - started:.0f}s and {sent} events: free org used "
+                        f"{check['used']} of {check['limit']} api calls "
+                        f"-> allowed={check['allowed']}"
+                    )
+            for records in (await limits.getmany(timeout_ms=10)).values():
+                for record in records:
+                    message = json.loads(record.value)
+                    if not noticed or message["threshold_percent"] == 100:
+                        say(f"usage.limits: {json.dumps(message)}")
+                        noticed = True
+            if flipped and noticed and time.monotonic() - started > 20:
+                break
+            await asyncio.sleep(0.4)
+    say(f"published {sent} events in {time.monotonic() - started:.0f}s")

@@ -95,65 +95,86 @@ SET jit = off
 SET work_mem = '256MB'
 AS $$
 DECLARE
-    events bigint;
+    aggregated bigint;
 BEGIN
-    INSERT INTO usage_aggregations AS u (org_id, event_type, period, period_start, value, event_count)
-    SELECT d.org_id, d.event_type, d.period, d.period_start, sum(d.quantity), count(*)
-    FROM usage_event_periods(p_from_xid, p_to_xid) d
-    WHERE d.aggregation = 'sum'
-    GROUP BY 1, 2, 3, 4
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
-    SET value = u.value + excluded.value,
-        event_count = u.event_count + excluded.event_count,
-        updated_at = now();
-
-    -- Gauges: the latest reading by occurred_at; on equal times the larger reading wins
-    -- (the same rule in aggregate_usage and reconcile, so every path agrees).
-    INSERT INTO usage_aggregations AS u
-        (org_id, event_type, period, period_start, value, event_count, gauge_at)
-    SELECT DISTINCT ON (d.org_id, d.event_type, d.period, d.period_start)
-           d.org_id, d.event_type, d.period, d.period_start, d.quantity,
-           count(*) OVER (PARTITION BY d.org_id, d.event_type, d.period, d.period_start),
-           d.occurred_at
-    FROM usage_event_periods(p_from_xid, p_to_xid) d
-    WHERE d.aggregation = 'gauge_latest'
-    ORDER BY d.org_id, d.event_type, d.period, d.period_start, d.occurred_at DESC, d.quantity DESC
-    ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
-    SET value = CASE WHEN (excluded.gauge_at, excluded.value) > (u.gauge_at, u.value)
-                     THEN excluded.value ELSE u.value END,
-        gauge_at = greatest(u.gauge_at, excluded.gauge_at),
-        event_count = u.event_count + excluded.event_count,
-        updated_at = now();
-
-    WITH ev AS (
-        SELECT * FROM usage_event_periods(p_from_xid, p_to_xid) d WHERE d.aggregation = 'distinct_users'
+    -- One scan of the new events, aggregated per day in each org's zone; the month rows are
+    -- rolled up from those day rows (sums of sums, latest of latest readings), so the
+    -- events are read and grouped once, not once per period.
+    WITH delta AS MATERIALIZED (
+        SELECT e.org_id, e.event_type, t.aggregation, e.quantity, e.occurred_at, e.user_id,
+               (e.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date AS day
+        FROM usage_events e
+        JOIN event_types t ON t.event_type = e.event_type
+        LEFT JOIN org_subscriptions s ON s.org_id = e.org_id
+        WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+    ), days AS MATERIALIZED (
+        SELECT org_id, event_type, day, count(*) AS events,
+               sum(quantity) FILTER (WHERE aggregation = 'sum') AS total,
+               max(ARRAY[extract(epoch FROM occurred_at), quantity])
+                   FILTER (WHERE aggregation = 'gauge_latest') AS reading
+        FROM delta WHERE aggregation <> 'distinct_users'
+        GROUP BY org_id, event_type, day
+    ), rows AS (
+        SELECT org_id, event_type, 'day' AS period, day AS period_start, events, total, reading
+        FROM days
+        UNION ALL
+        SELECT org_id, event_type, 'month', date_trunc('month', day)::date, sum(events),
+               sum(total), max(reading)
+        FROM days GROUP BY org_id, event_type, date_trunc('month', day)::date
+    ), counted AS (
+        INSERT INTO usage_aggregations AS u
+            (org_id, event_type, period, period_start, value, event_count, gauge_at)
+        SELECT org_id, event_type, period, period_start,
+               coalesce(total, reading[2]), events,
+               CASE WHEN reading IS NOT NULL THEN to_timestamp(reading[1]) END
+        FROM rows
+        ORDER BY org_id, event_type, period, period_start
+        ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
+        -- gauges (gauge_at set): keep the latest reading, on equal times the larger one
+        SET value = CASE
+                        WHEN excluded.gauge_at IS NULL THEN u.value + excluded.value
+                        WHEN (excluded.gauge_at, excluded.value) > (u.gauge_at, u.value) THEN excluded.value
+                        ELSE u.value
+                    END,
+            gauge_at = greatest(u.gauge_at, excluded.gauge_at),
+            event_count = u.event_count + excluded.event_count,
+            updated_at = now()
+        RETURNING 1
+    ), seen AS (
+        SELECT org_id, event_type, day, user_id FROM delta WHERE aggregation = 'distinct_users'
+    ), user_periods AS (
+        SELECT DISTINCT org_id, event_type, 'day' AS period, day AS period_start, user_id FROM seen
+        UNION
+        SELECT DISTINCT org_id, event_type, 'month', date_trunc('month', day)::date, user_id FROM seen
     ), new_users AS (
         INSERT INTO usage_period_users (org_id, event_type, period, period_start, user_id)
-        SELECT DISTINCT ev.org_id, ev.event_type, ev.period, ev.period_start, ev.user_id
-        FROM ev ORDER BY 1, 2, 3, 4, 5
+        SELECT * FROM user_periods ORDER BY 1, 2, 3, 4, 5
         ON CONFLICT DO NOTHING
         RETURNING usage_period_users.org_id, usage_period_users.event_type,
                   usage_period_users.period, usage_period_users.period_start
     ), added AS (
         SELECT n.org_id, n.event_type, n.period, n.period_start, count(*) AS users
         FROM new_users n GROUP BY 1, 2, 3, 4
-    ), counted AS (
-        SELECT ev.org_id, ev.event_type, ev.period, ev.period_start, count(*) AS events
-        FROM ev GROUP BY 1, 2, 3, 4
+    ), user_events AS (
+        SELECT org_id, event_type, 'day' AS period, day AS period_start, count(*) AS events
+        FROM seen GROUP BY 1, 2, 4
+        UNION ALL
+        SELECT org_id, event_type, 'month', date_trunc('month', day)::date, count(*)
+        FROM seen GROUP BY 1, 2, 4
+    ), user_rows AS (
+        INSERT INTO usage_aggregations AS u (org_id, event_type, period, period_start, value, event_count)
+        SELECT c.org_id, c.event_type, c.period, c.period_start, coalesce(a.users, 0), c.events
+        FROM user_events c LEFT JOIN added a USING (org_id, event_type, period, period_start)
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
+        SET value = u.value + excluded.value,
+            event_count = u.event_count + excluded.event_count,
+            updated_at = now()
+        RETURNING 1
     )
-    INSERT INTO usage_aggregations AS u (org_id, event_type, period, period_start, value, event_count)
-    SELECT c.org_id, c.event_type, c.period, c.period_start, coalesce(a.users, 0), c.events
-    FROM counted c LEFT JOIN added a USING (org_id, event_type, period, period_start)
-    ORDER BY 1, 2, 3, 4
-    ON CONFLICT (org_id, event_type, period, period_start) DO UPDATE
-    SET value = u.value + excluded.value,
-        event_count = u.event_count + excluded.event_count,
-        updated_at = now();
-
-    SELECT count(*) INTO events FROM usage_events e
-    WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid;
-    RETURN events;
+    SELECT (SELECT count(*) FROM delta) INTO aggregated
+    FROM (SELECT count(*) FROM counted) AS c, (SELECT count(*) FROM user_rows) AS r;
+    RETURN aggregated;
 END;
 $$;
 

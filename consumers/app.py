@@ -8,6 +8,7 @@ consumer seeks back to the batch's first record of each partition and nothing is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,6 +49,28 @@ async def _report_lag(consumer: Any, metrics: ConsumerMetrics) -> None:
             continue
         position = await consumer.position(partition)
         metrics.lag.labels(partition.topic, str(partition.partition)).set(max(high - position, 0))
+
+
+async def tolerate_any_headers(records: Any, original_parser: Any) -> Any:
+    """FastStream's parser decodes every header value as UTF-8 and fails the whole batch on
+    one that is not, forever (a poison message blocking its partition, and the good events
+    with it). Header values are not part of a usage event: make them decodable first."""
+    batch = records if isinstance(records, tuple) else (records,)
+    cleaned = tuple(_decodable_headers(record) for record in batch)
+    return await original_parser(cleaned if isinstance(records, tuple) else cleaned[0])
+
+
+def _decodable_headers(record: Any) -> Any:
+    headers = record.headers or ()
+    try:
+        for _, value in headers:
+            (value or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        fixed = [
+            (name, (value or b"").decode("utf-8", "replace").encode()) for name, value in headers
+        ]
+        return dataclasses.replace(record, headers=fixed)
+    return record
 
 
 async def keep_raw_records(message: Any) -> Any:
@@ -118,6 +141,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         decoder=keep_raw_records,
+        parser=tolerate_any_headers,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_wait_ms=50,
         session_timeout_ms=10_000,

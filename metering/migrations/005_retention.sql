@@ -46,6 +46,8 @@ BEGIN
         -- An event's key was first seen at most 5 minutes before its occurred_at (the
         -- future tolerance), so keys seen before kept_from - 5 min belong to dropped events.
         DELETE FROM usage_event_ids WHERE first_seen_at < kept_from - interval '5 minutes';
+        -- the pass log (one row per non-empty aggregation pass) follows the same horizon
+        DELETE FROM aggregation_passes WHERE finished_at < kept_from;
         INSERT INTO retention_state (name, raw_events_from) VALUES ('usage_events', kept_from)
         ON CONFLICT (name) DO UPDATE SET raw_events_from = greatest(retention_state.raw_events_from,
                                                                     excluded.raw_events_from),

@@ -117,3 +117,37 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+async def test_non_utf8_header_does_not_block_the_partition(
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    """A header value that is not UTF-8 once made FastStream's parser fail the whole batch
+    forever; the events around it (and the message itself) must be stored."""
+    org = uuid.uuid4()
+
+    def body(n: int) -> bytes:
+        return json.dumps(
+            {
+                "id": f"h{n}",
+                "type": "api_call",
+                "org_id": str(org),
+                "occurred_at": datetime.now(UTC).isoformat(),
+            }
+        ).encode()
+
+    await producer.send_and_wait(settings.events_topic, body(1), key=str(org).encode())
+    await producer.send_and_wait(
+        settings.events_topic, body(2), key=str(org).encode(), headers=[("trace", b"\xff\xfe")]
+    )
+    await producer.send_and_wait(settings.events_topic, body(3), key=str(org).encode())
+    consumer = start_consumer()
+
+    async def all_three() -> bool:
+        return await stored_count(migrated_database, [org]) == 3
+
+    await async_wait_for(all_three, 30, "the three events around a non-UTF-8 header")
+    assert "UnicodeDecodeError" not in consumer.log_text()

@@ -153,16 +153,8 @@ async def publish_fast(settings: Settings, messages: list[tuple[bytes, bytes]]) 
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "METERING_DATABASE_URL": settings.database_url.get_secret_value(),
-        "METERING_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "METERING_EVENTS_TOPIC": settings.events_topic,
-        "METERING_DLQ_TOPIC": settings.dlq_topic,
-        "METERING_LIMITS_TOPIC": settings.limits_topic,
-        "METERING_CONSUMER_GROUP": settings.consumer_group,
-        "METERING_CONSUMER_BATCH_SIZE": str(settings.consumer_batch_size),
-    }
+    """The environment a subprocess needs to see `settings`."""
+    return {**os.environ, **settings.environment()}
 
 
 def start_metering(settings: Settings, *args: str, log: Path) -> subprocess.Popen[bytes]:

@@ -210,6 +210,7 @@ def send(
     """
     from metering.client import UsageClient
     from metering.errors import InvalidEvent
+    from metering.models import EventType
 
     settings = _settings(ctx)
     if count is None and org_id is None:
@@ -237,15 +238,7 @@ def send(
         rng = random.Random(seed)
         org_ids = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(orgs)]
         users = [uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(50)]
-        types = [
-            "api_call",
-            "record_created",
-            "automation_run",
-            "schedule_executed",
-            "ai_tokens_used",
-            "storage_used",
-            "user_active",
-        ]
+        types = [t.value for t in EventType]
         sent_ids: list[tuple[uuid.UUID, str]] = []
         async with UsageClient(settings, linger_ms=20) as client:
             with tqdm(total=n, unit="ev", desc="sending", file=sys.stderr) as bar:

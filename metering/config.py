@@ -77,6 +77,21 @@ class Settings(BaseSettings):
     def database_name(self) -> str:
         return urlsplit(self.database_url.get_secret_value()).path.lstrip("/") or "postgres"
 
+    def environment(self) -> dict[str, str]:
+        """These settings as METERING_* variables, for starting another process with them."""
+        values = {
+            "DATABASE_URL": self.database_url.get_secret_value(),
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap_servers,
+            "EVENTS_TOPIC": self.events_topic,
+            "DLQ_TOPIC": self.dlq_topic,
+            "LIMITS_TOPIC": self.limits_topic,
+            "CONSUMER_GROUP": self.consumer_group,
+            "CONSUMER_BATCH_SIZE": str(self.consumer_batch_size),
+            "RETRY_MAX_SECONDS": str(self.retry_max_seconds),
+            "DEV_DIR": str(self.dev_dir),
+        }
+        return {f"METERING_{name}": value for name, value in values.items()}
+
     def admin_database_url(self) -> str:
         """The same server, database `postgres`: used to create the service database."""
         parts = urlsplit(self.database_url.get_secret_value())

@@ -140,18 +140,7 @@ async def db(migrated_database: str) -> AsyncIterator[asyncpg.Connection]:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a subprocess needs to see `settings`."""
-    return {
-        **os.environ,
-        "METERING_DATABASE_URL": settings.database_url.get_secret_value(),
-        "METERING_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "METERING_EVENTS_TOPIC": settings.events_topic,
-        "METERING_DLQ_TOPIC": settings.dlq_topic,
-        "METERING_LIMITS_TOPIC": settings.limits_topic,
-        "METERING_CONSUMER_GROUP": settings.consumer_group,
-        "METERING_RETRY_MAX_SECONDS": str(settings.retry_max_seconds),
-        "METERING_CONSUMER_BATCH_SIZE": str(settings.consumer_batch_size),
-        "METERING_DEV_DIR": str(settings.dev_dir),
-    }
+    return {**os.environ, **settings.environment()}
 
 
 class ConsumerProcess:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from metering.api.ingest import RejectedRequest, events_from_body
 from metering.config import Settings
 from metering.metrics import LATENCY_BUCKETS
-from metering.models import utc_now
+from metering.models import ID_PATTERN, EventType, utc_now
 from metering.storage.keys import ApiKey, KeyStore
 from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
 from metering.storage.reads import ReadStore, SubscriptionStore
@@ -158,19 +158,8 @@ EVENT_SCHEMA = {
     "required": ["id", "type", "org_id", "occurred_at"],
     "additionalProperties": False,
     "properties": {
-        "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-        "type": {
-            "type": "string",
-            "enum": [
-                "api_call",
-                "record_created",
-                "automation_run",
-                "schedule_executed",
-                "ai_tokens_used",
-                "storage_used",
-                "user_active",
-            ],
-        },
+        "id": {"type": "string", "pattern": ID_PATTERN.pattern},
+        "type": {"type": "string", "enum": [t.value for t in EventType]},
         "org_id": {"type": "string", "format": "uuid"},
         "user_id": {"type": ["string", "null"], "format": "uuid"},
         "quantity": {"type": "number", "minimum": 0},

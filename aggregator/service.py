@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -165,7 +166,16 @@ async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResul
         if once:
             return await aggregator.run_once()
         log.info("aggregating into usage_aggregations; crossings to %s", settings.limits_topic)
-        await aggregator.run_forever()
+        main = asyncio.current_task()
+        assert main is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, main.cancel)
+        try:
+            await aggregator.run_forever()
+        except asyncio.CancelledError:
+            # a pass cut short rolls back whole; the next start redoes it
+            log.info("stopping: signal received")
         return None
     finally:
         await producer.stop()

@@ -36,7 +36,7 @@ FROM org_subscriptions s;
 """
 
 
-async def main(rate: int, seconds: float, events: int) -> None:
+async def main(rate: int, seconds: float, events: int, workers: int) -> None:
     settings = await fresh_environment("metering_bench_api")
     print(f"machine: {machine()}", flush=True)
     dsn = settings.database_url.get_secret_value()
@@ -148,5 +148,6 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=1, help="metering serve --workers")
     args = parser.parse_args()
-    asyncio.run(main(args.rate, args.seconds, args.events))
+    asyncio.run(main(args.rate, args.seconds, args.events, args.workers))

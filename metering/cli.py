@@ -591,8 +591,15 @@ def _keep_from(keep: str, now: datetime) -> datetime:
 @cli.command()
 @click.option("--port", type=int, default=None, help="Port (default METERING_HTTP_PORT, 8080).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port (each with its own pool and producer).",
+)
 @click.pass_context
-def serve(ctx: click.Context, port: int | None, host: str) -> None:
+def serve(ctx: click.Context, port: int | None, host: str, workers: int) -> None:
     """Serve the HTTP API (uvicorn; SIGTERM/Ctrl-C finish in-flight requests, then stop).
 
     OpenAPI at /openapi.json; every /v1 call needs a key from `metering keys create`.
@@ -602,6 +609,20 @@ def serve(ctx: click.Context, port: int | None, host: str) -> None:
     from metering.api.app import create_app
 
     settings = _settings(ctx)
+    if workers > 1:
+        uvicorn.run(
+            "metering.api.app:create_app_from_environment",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port or settings.http_port,
+            log_level="warning",
+            timeout_graceful_shutdown=20,
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+        )
+        return
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -593,5 +593,13 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def create_app_from_environment() -> FastAPI:
+    """App factory for `metering serve --workers N`: each worker process reads the
+    environment once (metering/config.py) and builds its own app, pools and producer."""
+    from metering.config import load_settings
+
+    return create_app(load_settings())
+
+
 def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
     return {k: (float(v) if isinstance(v, Decimal) else v) for k, v in result.items()}

@@ -8,7 +8,7 @@ import logging
 import random
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -384,7 +384,6 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
     `metering reaggregate` over that window repairs them.
     """
     from metering.storage.aggregates import AggregateStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     today = datetime.now(UTC).date()
@@ -392,11 +391,7 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
     last = _parse_when(end, "--to").date() if end else today + timedelta(days=1)
 
     async def main() -> list[Any]:
-        pool = await create_pool(settings)
-        try:
-            return await AggregateStore(pool).reconcile(first, last)
-        finally:
-            await pool.close()
+        return await _with_pool(settings, lambda pool: AggregateStore(pool).reconcile(first, last))
 
     differences = _run(main())
     if not differences:
@@ -440,7 +435,6 @@ def usage(
 ) -> None:
     """Print an organization's aggregated usage as a table."""
     from metering.storage.aggregates import AggregateStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     org_id = _parse_org(org)
@@ -448,11 +442,10 @@ def usage(
     last = _parse_when(end, "--to").date() if end else None
 
     async def main() -> list[Any]:
-        pool = await create_pool(settings)
-        try:
-            return await AggregateStore(pool).usage(org_id, period, first, last, event_type)
-        finally:
-            await pool.close()
+        return await _with_pool(
+            settings,
+            lambda pool: AggregateStore(pool).usage(org_id, period, first, last, event_type),
+        )
 
     rows = _run(main())
     if not rows:
@@ -486,7 +479,6 @@ def check(ctx: click.Context, org: str, feature: str, quantity: str) -> None:
     import asyncpg
 
     from metering.storage.aggregates import AggregateStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     org_id = _parse_org(org)
@@ -496,21 +488,31 @@ def check(ctx: click.Context, org: str, feature: str, quantity: str) -> None:
         raise click.BadParameter(f"{quantity!r} is not a number", param_hint="--quantity") from None
 
     async def main() -> dict[str, Any]:
-        pool = await create_pool(settings)
-        try:
-            return await AggregateStore(pool).check_access(org_id, feature, requested)
-        finally:
-            await pool.close()
+        return await _with_pool(
+            settings, lambda pool: AggregateStore(pool).check_access(org_id, feature, requested)
+        )
 
     try:
         result = _run(main())
     except asyncpg.NoDataFoundError:
-        raise click.ClickException(f"unknown feature key {feature!r}") from None
+        click.echo(f"Error: unknown feature key {feature!r}", err=True)
+        sys.exit(2)
     _table(
         ["key", "value"],
         [[k, json.dumps(v) if isinstance(v, dict) else _fmt(v)] for k, v in result.items()],
     )
     sys.exit(0 if result.get("allowed") else 1)
+
+
+async def _with_pool(settings: Settings, use: Callable[[Any], Awaitable[T]]) -> T:
+    """Open a pool, run `use(pool)`, always close the pool."""
+    from metering.storage.pool import create_pool
+
+    pool = await create_pool(settings)
+    try:
+        return await use(pool)
+    finally:
+        await pool.close()
 
 
 def _parse_org(value: str) -> uuid.UUID:
@@ -547,18 +549,13 @@ def retention(ctx: click.Context, keep: str, dry_run: bool) -> None:
     The month containing the horizon is kept whole. Dedupe keys of dropped events go too.
     Afterwards `reaggregate` refuses windows before the horizon.
     """
-    from metering.storage.pool import create_pool
     from metering.storage.retention import apply_retention
 
     settings = _settings(ctx)
     keep_from = _keep_from(keep, datetime.now(UTC))
 
     async def main() -> list[Any]:
-        pool = await create_pool(settings)
-        try:
-            return await apply_retention(pool, keep_from, dry_run)
-        finally:
-            await pool.close()
+        return await _with_pool(settings, lambda pool: apply_retention(pool, keep_from, dry_run))
 
     dropped = _run(main())
     verb = "would drop" if dry_run else "dropped"
@@ -654,18 +651,15 @@ def keys() -> None:
 def keys_create(ctx: click.Context, scopes: tuple[str, ...], org_id: str | None, name: str) -> None:
     """Create a key and print it once: store it now, it cannot be shown again."""
     from metering.storage.keys import KeyStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     org = _parse_org(org_id) if org_id else None
 
     async def main() -> str:
-        pool = await create_pool(settings)
-        try:
-            key, _ = await KeyStore(pool).create(sorted(set(scopes)), org, name)
-            return key
-        finally:
-            await pool.close()
+        key, _ = await _with_pool(
+            settings, lambda pool: KeyStore(pool).create(sorted(set(scopes)), org, name)
+        )
+        return key
 
     click.echo(_run(main()))
 
@@ -675,16 +669,11 @@ def keys_create(ctx: click.Context, scopes: tuple[str, ...], org_id: str | None,
 def keys_list(ctx: click.Context) -> None:
     """List keys (prefix, scopes, organization, state); never the secret."""
     from metering.storage.keys import KeyStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
 
     async def main() -> list[Any]:
-        pool = await create_pool(settings)
-        try:
-            return await KeyStore(pool).list()
-        finally:
-            await pool.close()
+        return await _with_pool(settings, lambda pool: KeyStore(pool).list())
 
     found = _run(main())
     if not found:
@@ -712,16 +701,11 @@ def keys_list(ctx: click.Context) -> None:
 def keys_revoke(ctx: click.Context, prefix: str) -> None:
     """Revoke the key with PREFIX (see `keys list`); it stops working at once."""
     from metering.storage.keys import KeyStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
 
     async def main() -> bool:
-        pool = await create_pool(settings)
-        try:
-            return await KeyStore(pool).revoke(prefix)
-        finally:
-            await pool.close()
+        return await _with_pool(settings, lambda pool: KeyStore(pool).revoke(prefix))
 
     if not _run(main()):
         raise click.ClickException(f"no active key with prefix {prefix!r}")

@@ -275,3 +275,27 @@ async def make_key(migrated_database: str):  # type: ignore[no-untyped-def]
     make.store = store  # type: ignore[attr-defined]
     yield make
     await pool.close()
+
+
+@pytest.fixture
+def start_aggregator(settings: Settings) -> Iterator[Callable[[], int]]:
+    """Start `metering aggregate` in a subprocess; returns its metrics port. Stopped after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> int:
+        port = free_port()
+        started.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(port)],
+                env=settings_env(settings),
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        return port
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(timeout=30)

@@ -109,54 +109,35 @@ async def test_event_reaches_access_check_through_both_processes(
     producer: AIOKafkaProducer,
     migrated_database: str,
     start_consumer: Callable[..., ConsumerProcess],
-    tmp_path: object,
+    start_aggregator: Callable[[], int],
 ) -> None:
     """Kafka -> consumer -> usage_events -> aggregator -> check_feature_access, for real."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, free_port, settings_env
-
     org = uuid.uuid4()
     start_consumer()
-    aggregator = subprocess.Popen(
-        [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(free_port())],
-        env=settings_env(settings),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    start_aggregator()
+    for n in range(3):
+        body = {
+            "id": f"r{n}",
+            "type": "record_created",
+            "org_id": str(org),
+            "quantity": 30,
+            "occurred_at": datetime.now(UTC).isoformat(),
+        }
+        await producer.send_and_wait(
+            settings.events_topic, json.dumps(body).encode(), key=str(org).encode()
+        )
+    conn = await asyncpg.connect(migrated_database)
     try:
-        for n in range(3):
-            body = {
-                "id": f"r{n}",
-                "type": "record_created",
-                "org_id": str(org),
-                "quantity": 30,
-                "occurred_at": datetime.now(UTC).isoformat(),
-            }
-            await producer.send_and_wait(
-                settings.events_topic, json.dumps(body).encode(), key=str(org).encode()
-            )
-        conn = await asyncpg.connect(migrated_database)
-        try:
 
-            async def used() -> bool:
-                raw = await conn.fetchval(
-                    "SELECT check_feature_access(NULL, 'max_records', $1)", org
-                )
-                result = json.loads(raw)
-                return bool(
-                    result["used"] == 90 and result["remaining"] == 10 and result["allowed"]
-                )
+        async def used() -> bool:
+            raw = await conn.fetchval("SELECT check_feature_access(NULL, 'max_records', $1)", org)
+            result = json.loads(raw)
+            return bool(result["used"] == 90 and result["remaining"] == 10 and result["allowed"])
 
-            await async_wait_for(used, 30, "the access check to see 90 of 100 records")
-        finally:
-            await conn.close()
-        # the topic may also carry other tests' pending crossings: look at this org's only
-        letters = await read_topic(settings, settings.limits_topic, expected=10**6, timeout=5)
-        mine = [json.loads(m.value) for m in letters if m.key == str(org).encode()]
-        assert [(m["feature_key"], m["threshold_percent"]) for m in mine] == [("max_records", 80)]
+        await async_wait_for(used, 30, "the access check to see 90 of 100 records")
     finally:
-        aggregator.terminate()
-        aggregator.wait(timeout=30)
+        await conn.close()
+    # the topic may also carry other tests' pending crossings: look at this org's only
+    letters = await read_topic(settings, settings.limits_topic, expected=10**6, timeout=5)
+    mine = [json.loads(m.value) for m in letters if m.key == str(org).encode()]
+    assert [(m["feature_key"], m["threshold_percent"]) for m in mine] == [("max_records", 80)]

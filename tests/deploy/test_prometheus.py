@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 import uuid
@@ -19,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from metering.config import Settings
-from tests.conftest import ROOT, ConsumerProcess, Server, async_wait_for, free_port, settings_env
+from tests.conftest import ROOT, ConsumerProcess, Server, async_wait_for, free_port
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 pytestmark = pytest.mark.skipif(
@@ -64,16 +63,10 @@ async def test_real_prometheus_scrapes_every_process(
     producer: AIOKafkaProducer,
     tmp_path: Path,
     start_consumer: Callable[..., ConsumerProcess],
+    start_aggregator: Callable[[], int],
 ) -> None:
     consumer = start_consumer()
-    aggregator_port = free_port()
-    aggregator = subprocess.Popen(
-        [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(aggregator_port)],
-        env=settings_env(settings),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    aggregator_port = start_aggregator()
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
@@ -137,5 +130,3 @@ async def test_real_prometheus_scrapes_every_process(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
-        aggregator.terminate()
-        aggregator.wait(timeout=30)

@@ -69,72 +69,57 @@ async def test_ingestion_end_to_end_and_all_or_nothing(
     settings: Settings,
     migrated_database: str,  # type: ignore[no-untyped-def]
     start_consumer: Callable[..., ConsumerProcess],
+    start_aggregator: Callable[[], int],
 ) -> None:
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, free_port, settings_env
-
     org = uuid.uuid4()
     headers = {"Authorization": f"Bearer {await make_key('ingest', 'read')}"}
     start_consumer()
-    aggregator = subprocess.Popen(
-        [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(free_port())],
-        env=settings_env(settings),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    start_aggregator()
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as client:
+        bad = await client.post(
+            "/v1/events", json=[event(org, "ok-1"), event(org, "bad", quantity=-5)]
+        )
+        assert bad.status_code == 422
+        assert bad.json()["errors"] == [
+            {
+                "index": 1,
+                "code": "negative_quantity",
+                "reason": "quantity: quantity must be >= 0",
+            }
+        ]
+        batch = [event(org, f"e{n}", quantity=10) for n in range(500)]
+        accepted = await client.post("/v1/events", json=batch)
+        assert accepted.status_code == 202 and accepted.json()["accepted"] == 500
+        again = await client.post("/v1/events", json=batch[:10])  # a retry: stored once
+        assert again.status_code == 202
+
+        async def checked() -> bool:
+            response = await client.get(
+                f"/v1/orgs/{org}/features/max_api_calls_per_month", params={"quantity": 1}
+            )
+            body = response.json()
+            return bool(response.status_code == 200 and body["used"] == 5000)
+
+        await async_wait_for(checked, 30, "the access check to see all 500 events")
+        denied = (await client.get(f"/v1/orgs/{org}/features/max_api_calls_per_month")).json()
+        assert (denied["limit"], denied["allowed"], denied["remaining"]) == (1000, False, 0)
+        usage = (await client.get(f"/v1/orgs/{org}/usage", params={"period": "day"})).json()
+        assert [(r["event_type"], r["value"], r["event_count"]) for r in usage["rows"]] == [
+            ("api_call", "5000", 500)
+        ]
+    conn = await asyncpg.connect(migrated_database)
     try:
-        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as client:
-            bad = await client.post(
-                "/v1/events", json=[event(org, "ok-1"), event(org, "bad", quantity=-5)]
+        assert (
+            await conn.fetchval("SELECT count(*) FROM usage_events WHERE org_id = $1", org) == 500
+        )
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM usage_events WHERE org_id = $1 AND event_id = 'ok-1'", org
             )
-            assert bad.status_code == 422
-            assert bad.json()["errors"] == [
-                {
-                    "index": 1,
-                    "code": "negative_quantity",
-                    "reason": "quantity: quantity must be >= 0",
-                }
-            ]
-            batch = [event(org, f"e{n}", quantity=10) for n in range(500)]
-            accepted = await client.post("/v1/events", json=batch)
-            assert accepted.status_code == 202 and accepted.json()["accepted"] == 500
-            again = await client.post("/v1/events", json=batch[:10])  # a retry: stored once
-            assert again.status_code == 202
-
-            async def checked() -> bool:
-                response = await client.get(
-                    f"/v1/orgs/{org}/features/max_api_calls_per_month", params={"quantity": 1}
-                )
-                body = response.json()
-                return bool(response.status_code == 200 and body["used"] == 5000)
-
-            await async_wait_for(checked, 30, "the access check to see all 500 events")
-            denied = (await client.get(f"/v1/orgs/{org}/features/max_api_calls_per_month")).json()
-            assert (denied["limit"], denied["allowed"], denied["remaining"]) == (1000, False, 0)
-            usage = (await client.get(f"/v1/orgs/{org}/usage", params={"period": "day"})).json()
-            assert [(r["event_type"], r["value"], r["event_count"]) for r in usage["rows"]] == [
-                ("api_call", "5000", 500)
-            ]
-        conn = await asyncpg.connect(migrated_database)
-        try:
-            assert (
-                await conn.fetchval("SELECT count(*) FROM usage_events WHERE org_id = $1", org)
-                == 500
-            )
-            assert (
-                await conn.fetchval(
-                    "SELECT count(*) FROM usage_events WHERE org_id = $1 AND event_id = 'ok-1'", org
-                )
-                == 0
-            )
-        finally:
-            await conn.close()
+            == 0
+        )
     finally:
-        aggregator.terminate()
-        aggregator.wait(timeout=30)
+        await conn.close()
 
 
 async def test_cloudevents_round_trip(server: Server, make_key, settings: Settings) -> None:  # type: ignore[no-untyped-def]

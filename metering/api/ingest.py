@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 from metering.errors import InvalidEvent, MeteringError
-from metering.models import UsageEvent, validate_event
+from metering.models import MAX_EVENT_BYTES, UsageEvent, validate_event
 
 MAX_EVENTS_PER_REQUEST = 1000
 CLOUDEVENTS = "application/cloudevents+json"
@@ -140,17 +140,17 @@ def events_from_body(
                 raise InvalidEvent(
                     "missing_field", "required field 'id' is missing (the idempotency key)", "id"
                 )
-            size = len(json.dumps(item, default=str))
-            if size > 16 * 1024:
-                raise InvalidEvent("too_large", f"event is {size} bytes; the limit is 16 KiB")
-            events.append(
-                validate_event(
-                    candidate,
-                    now=now,
-                    lateness_window=lateness_window,
-                    future_tolerance=future_tolerance,
-                )
+            event = validate_event(
+                candidate,
+                now=now,
+                lateness_window=lateness_window,
+                future_tolerance=future_tolerance,
             )
+            # the limit applies to what is published: the event's wire form
+            size = len(event.to_json())
+            if size > MAX_EVENT_BYTES:
+                raise InvalidEvent("too_large", f"event is {size} bytes; the limit is 16 KiB")
+            events.append(event)
         except InvalidEvent as error:
             errors.append(EventError(index, error.code, error.reason))
     if errors:

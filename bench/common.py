@@ -12,7 +12,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import asyncpg
 import psutil
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
@@ -20,7 +19,6 @@ from pydantic import SecretStr
 
 from metering.config import Settings
 from metering.devenv.services import DevServices
-from metering.storage.migrations import migrate
 from metering.topics import TopicSpec, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,17 +50,7 @@ async def fresh_environment(database: str, partitions: int = 6) -> Settings:
     services = DevServices(settings)
     await asyncio.to_thread(services.start_postgres)
     await asyncio.to_thread(services.start_kafka)
-    admin = await asyncpg.connect(settings.admin_database_url())
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-        await admin.execute(f"CREATE DATABASE {database}")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await services.recreate_database()
     await ensure_topics(
         settings,
         [

@@ -434,7 +434,7 @@ def usage(
     event_type: str | None,
 ) -> None:
     """Print an organization's aggregated usage as a table."""
-    from metering.storage.aggregates import AggregateStore
+    from metering.storage.reads import ReadStore
 
     settings = _settings(ctx)
     org_id = _parse_org(org)
@@ -444,7 +444,7 @@ def usage(
     async def main() -> list[Any]:
         return await _with_pool(
             settings,
-            lambda pool: AggregateStore(pool).usage(org_id, period, first, last, event_type),
+            lambda pool: ReadStore(pool).usage(org_id, period, first, last, event_type),
         )
 
     rows = _run(main())

@@ -25,7 +25,6 @@ from pydantic import SecretStr
 from metering.config import Settings
 from metering.devenv.services import DevServices
 from metering.storage.keys import KeyStore
-from metering.storage.migrations import migrate
 from metering.topics import TopicSpec, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,20 +83,7 @@ def dev_services(base_settings: Settings) -> DevServices:
 def migrated_database(dev_services: DevServices, base_settings: Settings) -> str:
     """A freshly created, migrated test database; its DSN."""
 
-    async def setup() -> None:
-        admin = await asyncpg.connect(base_settings.admin_database_url())
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEST_DATABASE} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE {TEST_DATABASE}")
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(base_settings.database_url.get_secret_value())
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    asyncio.run(setup())
+    asyncio.run(dev_services.recreate_database())
     return base_settings.database_url.get_secret_value()
 
 

@@ -46,8 +46,6 @@ PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
 OrgId = Annotated[UUID, Path(description="organization UUID")]
-# Feature keys and event types: lower-case words; anything else cannot exist.
-KEY_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 
 
 class ApiError(Exception):

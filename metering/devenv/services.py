@@ -426,6 +426,27 @@ class DevServices:
         finally:
             await conn.close()
 
+    async def recreate_database(self) -> None:
+        """Drop the service database if it exists, create it empty and apply every migration.
+
+        For tests and benchmarks: everything in that database is lost.
+        """
+        from metering.storage.migrations import migrate
+
+        admin = await asyncpg.connect(self.settings.admin_database_url())
+        try:
+            # CREATE/DROP DATABASE take no parameters; the name is quoted as an identifier.
+            quoted = await admin.fetchval("SELECT quote_ident($1)", self.settings.database_name)
+            await admin.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {quoted}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(self.settings.database_url.get_secret_value())
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
     def stop_postgres(self, *, mode: str = "fast") -> bool:
         """Stop the cluster `up` started (`fast`, or `immediate` to simulate a crash)."""
         if not self.postgres_running():

@@ -67,14 +67,6 @@ WHERE s.name = 'usage' AND e.ingest_xid >= s.watermark_xid
 """
 REAGGREGATE = "SELECT aggregate_usage($1, $2, $3, $4)"
 CHECK_ACCESS = "SELECT check_feature_access($1, $2, $3, $4)"
-USAGE_ROWS = """
-SELECT event_type, period, period_start, value, event_count, updated_at
-FROM usage_aggregations
-WHERE org_id = $1 AND period = $2
-  AND ($3::date IS NULL OR period_start >= $3) AND ($4::date IS NULL OR period_start < $4)
-  AND ($5::text IS NULL OR event_type = $5)
-ORDER BY period_start, event_type
-"""
 
 
 @dataclass(frozen=True)
@@ -185,17 +177,6 @@ class AggregateStore:
         periods starting in [start, end). Empty means every number adds up."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             return list(await conn.fetch(RECONCILE, start, end))
-
-    async def usage(
-        self,
-        org_id: UUID,
-        period: str,
-        start: date | None,
-        end: date | None,
-        event_type: str | None,
-    ) -> list[asyncpg.Record]:
-        async with self._pool.acquire() as conn:
-            return list(await conn.fetch(USAGE_ROWS, org_id, period, start, end, event_type))
 
 
 def _crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:

@@ -13,8 +13,6 @@ from uuid import UUID
 
 import asyncpg
 
-from metering.storage.aggregates import USAGE_ROWS
-
 # Every read runs in a transaction whose role is the read-only role and whose
 # metering.org_id setting is the organization the request is about: row-level security
 # then hides every other organization's rows, whatever the query.
@@ -41,6 +39,14 @@ RETURNING org_id, plan, status, seats, seats_in_use, timezone, updated_at
 """
 PLAN_EXISTS = "SELECT EXISTS (SELECT 1 FROM plans WHERE plan = $1)"
 ZONE_VALID = "SELECT is_valid_timezone($1)"
+USAGE_ROWS = """
+SELECT event_type, period, period_start, value, event_count, updated_at
+FROM usage_aggregations
+WHERE org_id = $1 AND period = $2
+  AND ($3::date IS NULL OR period_start >= $3) AND ($4::date IS NULL OR period_start < $4)
+  AND ($5::text IS NULL OR event_type = $5)
+ORDER BY period_start, event_type
+"""
 READER_CHECK = "SELECT reader_check_feature_access($1, $2, $3)"
 
 

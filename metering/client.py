@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from metering.config import Settings
 from metering.models import UsageEvent, utc_now, validate_event
+from metering.partitioner import OrgKeyPartitioner
 
 
 def new_event_id() -> str:
@@ -40,6 +41,7 @@ class UsageClient:
             max_batch_size=256 * 1024,
             compression_type=None,
             request_timeout_ms=30_000,
+            partitioner=OrgKeyPartitioner(),
         )
 
     async def __aenter__(self) -> UsageClient:
@@ -94,14 +96,14 @@ class UsageClient:
     async def send_event(self, event: UsageEvent) -> None:
         """Queue a validated event; returns once the broker has it (acks=all)."""
         future = await self._producer.send(
-            self._settings.events_topic, value=event.to_json(), key=str(event.org_id).encode()
+            self._settings.events_topic, value=event.to_json(), key=event.partition_key()
         )
         await future
 
     async def enqueue(self, event: UsageEvent) -> Any:
         """Queue without waiting for the ack; await the returned future (or `flush`) later."""
         return await self._producer.send(
-            self._settings.events_topic, value=event.to_json(), key=str(event.org_id).encode()
+            self._settings.events_topic, value=event.to_json(), key=event.partition_key()
         )
 
     async def send_raw(self, value: bytes, key: bytes | None) -> None:

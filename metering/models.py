@@ -115,7 +115,7 @@ class UsageEvent(BaseModel):
         ids are UUIDs, the time is ISO text, and json has no decimal type (floats would
         round), so only metadata goes through json.dumps. Hot path of ingestion over HTTP.
         """
-        user = f'"{self.user_id}"' if self.user_id is not None else "null"
+        user = f'"{uuid_text(self.user_id)}"' if self.user_id is not None else "null"
         metadata = (
             ""
             if self.metadata is None
@@ -123,10 +123,29 @@ class UsageEvent(BaseModel):
             + json.dumps(self.metadata, separators=(",", ":"), default=json_default)
         )
         return (
-            f'{{"id":"{self.id}","type":"{self.type.value}","org_id":"{self.org_id}",'
+            f'{{"id":"{self.id}","type":"{self.type.value}","org_id":"{uuid_text(self.org_id)}",'
             f'"user_id":{user},"occurred_at":"{self.occurred_at.isoformat()}"{metadata},'
             f'"quantity":{format(self.quantity, "f")}}}'
         ).encode()
+
+    def partition_key(self) -> bytes:
+        """The Kafka message key: the org id's text, so one organization stays on one
+        partition (one writer, in order)."""
+        return uuid_text(self.org_id).encode()
+
+
+_UUID_TEXTS: dict[UUID, str] = {}
+
+
+def uuid_text(value: UUID) -> str:
+    """`str(value)`, remembered: org and user ids repeat across events and `UUID.__str__`
+    is pure Python (~7% of the API's CPU while ingesting). Bounded at 100,000 ids."""
+    text = _UUID_TEXTS.get(value)
+    if text is None:
+        if len(_UUID_TEXTS) >= 100_000:
+            _UUID_TEXTS.clear()
+        text = _UUID_TEXTS[value] = str(value)
+    return text
 
 
 def json_default(value: object) -> object:

@@ -35,6 +35,7 @@ from metering.api.ingest import RejectedRequest, events_from_body
 from metering.config import Settings
 from metering.metrics import LATENCY_BUCKETS
 from metering.models import ID_PATTERN, EventType, utc_now
+from metering.partitioner import OrgKeyPartitioner
 from metering.storage.keys import ApiKey, KeyStore
 from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
 from metering.storage.reads import ReadStore, SubscriptionStore
@@ -233,6 +234,7 @@ def create_app(settings: Settings) -> FastAPI:
             enable_idempotence=True,
             linger_ms=2,
             max_batch_size=512 * 1024,
+            partitioner=OrgKeyPartitioner(),
         )
         await producer.start()
         state.update(
@@ -408,7 +410,7 @@ def create_app(settings: Settings) -> FastAPI:
                 rejected.reason,
                 errors=[vars(e) for e in rejected.errors],
             ) from None
-        foreign = [i for i, e in enumerate(events) if not key.may_access(e.org_id)]
+        foreign = [i for i, e in enumerate(events) if not key.may_access(e.event.org_id)]
         if foreign:
             raise ApiError(
                 403,
@@ -423,10 +425,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 acks = [
-                    await producer.send(
-                        settings.events_topic, e.to_json(), key=str(e.org_id).encode()
-                    )
-                    for e in events
+                    await producer.send(settings.events_topic, e.payload, key=e.key) for e in events
                 ]
                 await asyncio.gather(*acks)
         except (KafkaError, TimeoutError, OSError) as error:
@@ -440,7 +439,7 @@ def create_app(settings: Settings) -> FastAPI:
                 retry_after=1.0,
             ) from None
         metrics.published.inc(len(events))
-        return Accepted(accepted=len(events), ids=[e.id for e in events])
+        return Accepted(accepted=len(events), ids=[e.event.id for e in events])
 
     # ------------------------------------------------------------- reads
     @app.get("/v1/orgs/{org_id}/usage", response_model=Usage, responses=ERRORS, tags=["read"])

@@ -41,6 +41,15 @@ CE_ENVELOPE = {
 
 
 @dataclass(frozen=True)
+class WireEvent:
+    """A validated event with the bytes and key that go to Kafka, built once."""
+
+    event: UsageEvent
+    payload: bytes
+    key: bytes
+
+
+@dataclass(frozen=True)
 class EventError:
     index: int
     code: str
@@ -109,8 +118,9 @@ def events_from_body(
     now: datetime,
     lateness_window: timedelta,
     future_tolerance: timedelta,
-) -> list[UsageEvent]:
-    """Every event of the request, validated exactly as the consumer validates them.
+) -> list[WireEvent]:
+    """Every event of the request, validated exactly as the consumer validates them, with
+    its wire form (the 16 KiB limit applies to those bytes, as published).
 
     Raises `RejectedRequest` naming each bad event by index: a request is all or nothing.
     """
@@ -131,7 +141,7 @@ def events_from_body(
             "too_many_events",
             f"{len(items)} events; at most {MAX_EVENTS_PER_REQUEST} per request",
         )
-    events: list[UsageEvent] = []
+    events: list[WireEvent] = []
     errors: list[EventError] = []
     for index, item in enumerate(items):
         try:
@@ -146,11 +156,12 @@ def events_from_body(
                 lateness_window=lateness_window,
                 future_tolerance=future_tolerance,
             )
-            # the limit applies to what is published: the event's wire form
-            size = len(event.to_json())
-            if size > MAX_EVENT_BYTES:
-                raise InvalidEvent("too_large", f"event is {size} bytes; the limit is 16 KiB")
-            events.append(event)
+            payload = event.to_json()
+            if len(payload) > MAX_EVENT_BYTES:
+                raise InvalidEvent(
+                    "too_large", f"event is {len(payload)} bytes; the limit is 16 KiB"
+                )
+            events.append(WireEvent(event, payload, event.partition_key()))
         except InvalidEvent as error:
             errors.append(EventError(index, error.code, error.reason))
     if errors:

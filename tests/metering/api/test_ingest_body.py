@@ -22,6 +22,10 @@ EVENT = {
 
 
 def parse(body: object, content_type: str = "application/json") -> list:
+    return [wire.event for wire in parse_wire(body, content_type)]
+
+
+def parse_wire(body: object, content_type: str = "application/json") -> list:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return events_from_body(
         raw,
@@ -35,6 +39,15 @@ def parse(body: object, content_type: str = "application/json") -> list:
 def test_one_event_and_an_array() -> None:
     assert [e.id for e in parse(EVENT)] == ["a1"]
     assert [e.id for e in parse([EVENT, {**EVENT, "id": "a2"}])] == ["a1", "a2"]
+
+
+def test_each_event_carries_its_wire_form_and_org_key() -> None:
+    (wire,) = parse_wire({**EVENT, "user_id": "6F9619FF-8B86-D011-B42D-00CF4FC964FF"})
+    assert wire.payload == wire.event.to_json()
+    assert wire.key == ORG.lower().encode()
+    published = json.loads(wire.payload)
+    assert published["org_id"] == ORG.lower()
+    assert published["user_id"] == "6f9619ff-8b86-d011-b42d-00cf4fc964ff"
 
 
 def test_any_invalid_event_rejects_all_and_names_each_by_index() -> None:

@@ -61,8 +61,9 @@ class Aggregator:
         result = await self._retry_db(lambda: self._store.run_pass(decide_crossings))
         self._metrics.pass_seconds.observe(time.perf_counter() - started)
         self._metrics.events.inc(result.events)
-        for age in result.ages:
-            self._metrics.freshness.observe(age)
+        for age, count in result.ages:
+            for _ in range(count):
+                self._metrics.freshness.observe(age)
         for crossing in result.new_crossings:
             self._metrics.crossings.labels(
                 crossing.feature_key, str(crossing.threshold_percent)

@@ -8,7 +8,11 @@
    and distinct users). Rounds alternate; medians are reported.
 2. Incremental pass: insert `--increment` new events on top, then time one aggregator pass
    (day + month rows, limit checks, watermark) against the same plain GROUP BY over just
-   those new rows (selected the same way, by transaction id). Repeated `--rounds` times.
+   those new rows (selected the same way, by transaction id). Repeated `--rounds` times,
+   for two shapes of new events:
+   - live: occurred in the last 10 minutes, as events arrive from running services;
+   - backfill: spread over the last 60 days like the base data (late events, imports),
+     which touches a day row for almost every new event's (org, day).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from bench.common import fresh_environment, machine
 from metering.storage.aggregates import AggregateStore
 
 ORGS = 1000
+SIXTY_DAYS = 60 * 86400
+INCREMENT_SPREADS = {"live": 600, "backfill": SIXTY_DAYS}
 ZONES = ["UTC", "America/New_York", "Europe/Berlin", "Asia/Tokyo", "Australia/Sydney"]
 # Synthetic events in SQL (the consumer path is measured by bench.ingest): 1000 orgs,
-# 90% sums, 5% storage gauges, 5% user_active over 500 users, spread over 60 days.
+# 90% sums, 5% storage gauges, 5% user_active over 500 users, spread over the last $4
+# seconds (60 days for the base data).
 GENERATE = """
 INSERT INTO usage_events (org_id, event_id, event_type, user_id, quantity, occurred_at)
 SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g % 1000), 12, '0'))::uuid,
@@ -38,7 +45,7 @@ SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g % 1000), 12, '0'))::uuid,
        CASE WHEN g % 20 = 1
             THEN ('00000000-0000-4000-9000-' || lpad(to_hex(g % 500), 12, '0'))::uuid END,
        CASE WHEN g % 20 = 0 THEN (g * 7919) % 1000000000 ELSE 1 + g % 50 END,
-       now() - ((g * 104729) % (60 * 86400)) * interval '1 second'
+       now() - ((g * 104729) % $4::bigint) * interval '1 second'
 FROM generate_series($1::bigint, $2::bigint) AS g
 """
 PLAIN_GROUP_BY = """
@@ -74,7 +81,7 @@ async def main(events: int, increment: int, rounds: int) -> None:
     started = time.perf_counter()
     step = 1_000_000
     for first in range(0, events, step):
-        await conn.execute(GENERATE, first, min(first + step, events) - 1, "base")
+        await conn.execute(GENERATE, first, min(first + step, events) - 1, "base", SIXTY_DAYS)
         print(f"  generated {min(first + step, events):,} events", flush=True)
     await conn.execute("VACUUM ANALYZE usage_events")
     print(f"generated {events:,} events in {time.perf_counter() - started:.0f}s", flush=True)
@@ -112,32 +119,44 @@ async def main(events: int, increment: int, rounds: int) -> None:
             flush=True,
         )
 
-    print(f"\n== incremental pass over {increment:,} new events on top of {events:,}", flush=True)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
     store = AggregateStore(pool)
-    ours, plain = [], []
-    for round_number in range(rounds):
-        watermark = await conn.fetchval("SELECT watermark_xid FROM aggregator_state")
-        start = events + round_number * increment
-        await conn.execute(GENERATE, start, start + increment - 1, f"inc{round_number}")
-        await conn.execute("ANALYZE usage_events")
-        plain.append(
-            await timed(
-                conn,
-                PLAIN_GROUP_BY.format(period="day", where=f"WHERE ingest_xid >= {int(watermark)}"),
-            )
+    generated = events
+    for shape, spread in INCREMENT_SPREADS.items():
+        print(
+            f"\n== incremental pass over {increment:,} new events ({shape}) on top of "
+            f"{generated:,}",
+            flush=True,
         )
-        await conn.execute("DROP TABLE plain_result")
-        started = time.perf_counter()
-        result = await store.run_pass(decide_crossings)
-        ours.append(time.perf_counter() - started)
-        assert result.events == increment, result.events
-    print(
-        f"pass median {statistics.median(ours):.3f}s  plain GROUP BY median "
-        f"{statistics.median(plain):.3f}s  ratio {statistics.median(ours) / statistics.median(plain):.2f}  "
-        f"(runs ours {[round(x, 3) for x in ours]}, plain {[round(x, 3) for x in plain]})"
-    )
+        ours, plain = [], []
+        for round_number in range(rounds):
+            watermark = await conn.fetchval("SELECT watermark_xid FROM aggregator_state")
+            await conn.execute(
+                GENERATE, generated, generated + increment - 1, f"{shape}{round_number}", spread
+            )
+            generated += increment
+            await conn.execute("ANALYZE usage_events")
+            plain.append(
+                await timed(
+                    conn,
+                    PLAIN_GROUP_BY.format(
+                        period="day", where=f"WHERE ingest_xid >= {int(watermark)}"
+                    ),
+                )
+            )
+            await conn.execute("DROP TABLE plain_result")
+            started = time.perf_counter()
+            result = await store.run_pass(decide_crossings)
+            ours.append(time.perf_counter() - started)
+            assert result.events == increment, result.events
+        print(
+            f"{shape}: pass median {statistics.median(ours):.3f}s  plain GROUP BY median "
+            f"{statistics.median(plain):.3f}s  "
+            f"ratio {statistics.median(ours) / statistics.median(plain):.2f}  "
+            f"(runs ours {[round(x, 3) for x in ours]}, plain {[round(x, 3) for x in plain]})",
+            flush=True,
+        )
     await pool.close()
     await conn.close()
 

@@ -14,7 +14,7 @@ from aggregator.limits import Crossing, LimitUsage
 
 SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 LOCK_WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage' FOR UPDATE"
-APPLY_DELTA = "SELECT apply_usage_delta($1, $2)"
+AGGREGATE_NEW_EVENTS = "SELECT * FROM aggregate_new_events($1, $2)"
 MOVE_WATERMARK = (
     "UPDATE aggregator_state SET watermark_xid = $1, updated_at = now() WHERE name = 'usage'"
 )
@@ -22,17 +22,10 @@ RECORD_PASS = """
 INSERT INTO aggregation_passes (from_xid, to_xid, events, finished_at)
 VALUES ($1, $2, $3, clock_timestamp())
 """
-# Seconds from storage (the consumer's transaction start) to this pass, for each new event.
-EVENT_AGES = """
-SELECT coalesce(array_agg(extract(epoch FROM clock_timestamp() - received_at)::float8), '{}')
-FROM usage_events WHERE ingest_xid >= $1 AND ingest_xid < $2
-"""
 # Usage of every limited feature in the months the new events touched.
 TOUCHED_LIMITS = """
 WITH touched AS (
-    SELECT DISTINCT d.org_id, d.event_type, d.period_start
-    FROM usage_event_periods($1, $2) d
-    WHERE d.period = 'month'
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[]) AS g (org_id, event_type, period_start)
 )
 SELECT g.org_id, t.limit_key AS feature_key,
        CASE WHEN t.lifetime THEN 'lifetime' ELSE 'month' END AS period,
@@ -74,7 +67,7 @@ class PassResult:
     from_xid: int
     to_xid: int
     events: int
-    ages: list[float]
+    ages: list[tuple[float, int]]  # (seconds from storage to this pass, events that old)
     new_crossings: list[Crossing]
 
 
@@ -95,12 +88,20 @@ class AggregateStore:
             lower: int = await conn.fetchval(LOCK_WATERMARK)
             if upper <= lower:
                 return PassResult(lower, lower, 0, [], [])
-            events: int = await conn.fetchval(APPLY_DELTA, lower, upper)
-            ages: list[float] = []
+            applied = await conn.fetchrow(AGGREGATE_NEW_EVENTS, lower, upper)
+            assert applied is not None  # a function with OUT parameters returns one row
+            events: int = applied["events"]
+            measured_at: datetime = applied["measured_at"]
+            stored = zip(applied["received_at"], applied["received_events"], strict=True)
+            ages = [((measured_at - at).total_seconds(), count) for at, count in stored]
             crossed: list[Crossing] = []
             if events:
-                ages = list(await conn.fetchval(EVENT_AGES, lower, upper))
-                rows = await conn.fetch(TOUCHED_LIMITS, lower, upper)
+                rows = await conn.fetch(
+                    TOUCHED_LIMITS,
+                    applied["touched_orgs"],
+                    applied["touched_types"],
+                    applied["touched_months"],
+                )
                 usages = [
                     LimitUsage(
                         r["org_id"],

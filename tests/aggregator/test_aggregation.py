@@ -11,9 +11,11 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from aggregator.service import Aggregator
 from metering.config import Settings
+from metering.metrics import AggregatorMetrics
 from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore
 from tests.aggregator.conftest import Events, aggregates, subscribe
@@ -85,6 +87,26 @@ async def test_pass_run_twice_changes_nothing(
     assert second.events == 0
 
 
+async def test_every_aggregated_event_is_in_the_freshness_histogram(
+    settings: Settings, event_store: EventStore, aggregate_store: AggregateStore
+) -> None:
+    registry = CollectorRegistry()
+    aggregator = Aggregator(settings, aggregate_store, None, AggregatorMetrics(registry))
+    await aggregator.run_once()
+    events = Events(event_store, uuid.uuid4())
+    now = datetime.now(UTC)
+    for _ in range(3):  # each in its own transaction: several storage times
+        await events.add("api_call", now.isoformat(), 1)
+    await events.add("record_created", now.isoformat(), 1)
+    result = await aggregator.run_once()
+    assert result.events >= 4
+    assert sum(count for _, count in result.ages) == result.events
+    count = registry.get_sample_value("metering_aggregation_freshness_seconds_count")
+    total = registry.get_sample_value("metering_aggregation_freshness_seconds_sum")
+    assert count == result.events
+    assert total is not None and 0 <= total < 60 * count
+
+
 async def test_killed_pass_leaves_nothing_and_is_redone(
     db: asyncpg.Connection, migrated_database: str, event_store: EventStore, aggregator: Aggregator
 ) -> None:
@@ -102,7 +124,7 @@ async def test_killed_pass_leaves_nothing_and_is_redone(
     lower = await victim.fetchval(
         "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage' FOR UPDATE NOWAIT"
     )
-    await victim.fetchval("SELECT apply_usage_delta($1, $2)", lower, upper)  # half way
+    await victim.fetchrow("SELECT * FROM aggregate_new_events($1, $2)", lower, upper)  # half way
     assert await db.fetchval("SELECT pg_terminate_backend($1)", victim.get_server_pid())
     victim.terminate()
 

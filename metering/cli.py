@@ -358,7 +358,7 @@ def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, pe
         return written
 
     written = _run(main())
-    click.echo(f"rewrote {written} aggregate rows for {first.isoformat()} .. {last.isoformat()}")
+    click.echo(f"recomputed {written} aggregate rows for {first.isoformat()} .. {last.isoformat()}")
 
 
 def _month_windows(first: datetime, last: datetime) -> list[tuple[datetime, datetime]]:

@@ -107,7 +107,9 @@ BEGIN
     ), received AS (
         SELECT d.received_at, count(*) AS events FROM delta d GROUP BY d.received_at
     ), touched AS (
-        SELECT DISTINCT org_id, event_type, date_trunc('month', day)::date AS month FROM delta
+        SELECT org_id, event_type, period_start AS month FROM rows WHERE period = 'month'
+        UNION ALL
+        SELECT org_id, event_type, period_start FROM user_events WHERE period = 'month'
     )
     SELECT (SELECT count(*) FROM delta), clock_timestamp(),
            rc.at, rc.events, tc.orgs, tc.types, tc.months

@@ -4,8 +4,10 @@
 -- `occurred_at AT TIME ZONE <the org's zone>` for every event the grouping took 2x a plain
 -- UTC GROUP BY of the same rows; looking the instant up among the org's period starts
 -- (width_bucket, a binary search in a sorted array) took 1.3x. The earlier version also
--- read the events three times (sums and gauges, then distinct users twice); this one
--- reads them once. Same signature, same promise: see 003_aggregation.sql.
+-- read the events three times (sums and gauges, then distinct users twice) and deleted and
+-- re-inserted every row of the window; this one reads them once and writes only the rows
+-- whose numbers differ. Same signature, same promise: see 003_aggregation.sql. Returns
+-- the number of aggregate rows recomputed.
 
 CREATE OR REPLACE FUNCTION aggregate_usage(p_period text, p_from timestamptz, p_to timestamptz,
                                            p_org_id uuid DEFAULT NULL)
@@ -62,17 +64,13 @@ BEGIN
     ) b;
     ANALYZE _windows;
 
-    DELETE FROM usage_aggregations a USING _windows w
-    WHERE a.org_id = w.org_id AND a.period = p_period
-      AND a.period_start BETWEEN w.first_start AND w.last_start;
-    DELETE FROM usage_period_users a USING _windows w
-    WHERE a.org_id = w.org_id AND a.period = p_period
-      AND a.period_start BETWEEN w.first_start AND w.last_start;
-
     -- One read of the window's events, grouped by period and, for distinct-user meters,
     -- by user: sums, latest gauge readings, event counts and distinct users all come from
-    -- these groups.
-    WITH grouped AS MATERIALIZED (
+    -- these groups. Then only what differs is written: rows whose numbers changed are
+    -- updated, missing ones inserted, rows (and users) with no events left deleted. A
+    -- recompute that finds everything right (the usual case) writes nothing.
+    CREATE TEMP TABLE _periods ON COMMIT DROP AS
+    WITH grouped AS (
         SELECT e.org_id, e.event_type, width_bucket(e.occurred_at, w.bounds) AS bucket,
                CASE WHEN e.event_type = ANY (user_types) THEN e.user_id END AS user_id,
                count(*) AS events,
@@ -85,29 +83,60 @@ BEGIN
         WHERE e.occurred_at >= w.first_at AND e.occurred_at < w.end_at
           AND e.ingest_xid < watermark
         GROUP BY 1, 2, 3, 4
-    ), periods AS MATERIALIZED (
-        SELECT g.org_id, g.event_type, (w.first_start + (g.bucket - 1) * unit)::date AS period_start,
-               g.user_id, g.events, g.total, g.reading, g.gauge_at
-        FROM grouped g
-        JOIN _windows w ON w.org_id = g.org_id
-    ), users AS (
-        INSERT INTO usage_period_users (org_id, event_type, period, period_start, user_id)
-        SELECT org_id, event_type, p_period, period_start, user_id
-        FROM periods WHERE user_id IS NOT NULL
     )
-    INSERT INTO usage_aggregations
-        (org_id, event_type, period, period_start, value, event_count, gauge_at)
-    SELECT org_id, event_type, p_period, period_start,
+    SELECT g.org_id, g.event_type, (w.first_start + (g.bucket - 1) * unit)::date AS period_start,
+           g.user_id, g.events, g.total, g.reading, g.gauge_at
+    FROM grouped g
+    JOIN _windows w ON w.org_id = g.org_id;
+
+    CREATE TEMP TABLE _fresh ON COMMIT DROP AS
+    SELECT org_id, event_type, period_start,
            CASE WHEN event_type = ANY (user_types) THEN count(user_id)
                 WHEN event_type = ANY (gauge_types) THEN (max(reading))[2]
                 ELSE sum(total)
-           END,
-           sum(events),
-           max(gauge_at)
-    FROM periods
+           END AS value,
+           sum(events)::bigint AS event_count,
+           max(gauge_at) AS gauge_at
+    FROM _periods
     GROUP BY org_id, event_type, period_start;
     GET DIAGNOSTICS written = ROW_COUNT;
-    DROP TABLE _windows;
+    ANALYZE _fresh;
+
+    UPDATE usage_aggregations a
+    SET value = f.value, event_count = f.event_count, gauge_at = f.gauge_at, updated_at = now()
+    FROM _fresh f
+    WHERE a.org_id = f.org_id AND a.event_type = f.event_type AND a.period = p_period
+      AND a.period_start = f.period_start
+      AND (a.value, a.event_count, a.gauge_at)
+          IS DISTINCT FROM (f.value, f.event_count, f.gauge_at);
+    INSERT INTO usage_aggregations
+        (org_id, event_type, period, period_start, value, event_count, gauge_at)
+    SELECT f.org_id, f.event_type, p_period, f.period_start, f.value, f.event_count, f.gauge_at
+    FROM _fresh f
+    WHERE NOT EXISTS (
+        SELECT FROM usage_aggregations a
+        WHERE a.org_id = f.org_id AND a.event_type = f.event_type AND a.period = p_period
+          AND a.period_start = f.period_start);
+    DELETE FROM usage_aggregations a USING _windows w
+    WHERE a.org_id = w.org_id AND a.period = p_period
+      AND a.period_start BETWEEN w.first_start AND w.last_start
+      AND NOT EXISTS (
+          SELECT FROM _fresh f
+          WHERE f.org_id = a.org_id AND f.event_type = a.event_type
+            AND f.period_start = a.period_start);
+
+    INSERT INTO usage_period_users (org_id, event_type, period, period_start, user_id)
+    SELECT org_id, event_type, p_period, period_start, user_id
+    FROM _periods WHERE user_id IS NOT NULL
+    ON CONFLICT DO NOTHING;
+    DELETE FROM usage_period_users u USING _windows w
+    WHERE u.org_id = w.org_id AND u.period = p_period
+      AND u.period_start BETWEEN w.first_start AND w.last_start
+      AND NOT EXISTS (
+          SELECT FROM _periods p
+          WHERE p.org_id = u.org_id AND p.event_type = u.event_type
+            AND p.period_start = u.period_start AND p.user_id = u.user_id);
+    DROP TABLE _windows, _periods, _fresh;
     RETURN written;
 END;
 $$;

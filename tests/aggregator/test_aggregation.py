@@ -192,6 +192,55 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
 
 
+async def test_reaggregate_writes_only_what_differs(
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    aggregator: Aggregator,
+) -> None:
+    org = uuid.uuid4()
+    await subscribe(db, org, "pro", NEW_YORK)
+    events = Events(event_store, org)
+    now = datetime.now(UTC)
+    user = uuid.uuid4()
+    await events.add("api_call", now.isoformat(), 3)
+    await events.add("user_active", now.isoformat(), user=user)
+    await aggregator.run_once()
+    expected = await aggregates(db, org)
+    stamps = "SELECT period, event_type, updated_at FROM usage_aggregations WHERE org_id = $1"
+    untouched = sorted(await db.fetch(stamps, org))
+    start, end = now - timedelta(days=3), now + timedelta(days=1)
+
+    assert await aggregate_store.reaggregate("day", start, end, org) == 2
+    assert sorted(await db.fetch(stamps, org)) == untouched  # right already: nothing written
+
+    yesterday = (now - timedelta(days=1)).date()
+    await db.execute(  # rows with no events behind them: a wrong row and a phantom user
+        "INSERT INTO usage_aggregations (org_id, event_type, period, period_start, value, "
+        "event_count) VALUES ($1, 'api_call', 'day', $2, 5, 1)",
+        org,
+        yesterday,
+    )
+    await db.execute(
+        "INSERT INTO usage_period_users VALUES ($1, 'user_active', 'day', $2, $3)",
+        org,
+        yesterday,
+        uuid.uuid4(),
+    )
+    await db.execute(
+        "UPDATE usage_aggregations SET event_count = 9 WHERE org_id = $1 AND period = 'day' "
+        "AND event_type = 'api_call' AND period_start <> $2",
+        org,
+        yesterday,
+    )
+    await aggregate_store.reaggregate("day", start, end, org)
+    assert await aggregates(db, org) == expected
+    users = await db.fetch(
+        "SELECT period, user_id FROM usage_period_users WHERE org_id = $1 ORDER BY period", org
+    )
+    assert [(r["period"], r["user_id"]) for r in users] == [("day", user), ("month", user)]
+
+
 async def test_access_check_limits_unlimited_and_plan_change(
     db: asyncpg.Connection,
     event_store: EventStore,

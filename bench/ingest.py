@@ -8,7 +8,10 @@
    last batch's duration is added from the wall clock);
 3. in the same run, COPYs the same rows into a fresh copy of the same table (the same
    migration applied in a separate schema: same partitions, same indexes) and times it;
-4. prints both rates, their ratio, and the consumer's peak RSS.
+4. prints both rates, their ratio, and the consumer's peak RSS;
+5. reads the same topic once more with a bare aiokafka consumer that does nothing with the
+   messages: the most any consumer built on aiokafka (FastStream's is) could do here, as a
+   ceiling for the pipeline's rate and so for the ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer
 
 from bench.common import (
     fresh_environment,
@@ -44,6 +48,28 @@ COPY_COLUMNS = [
     "source_partition",
     "source_offset",
 ]
+
+
+async def kafka_read_rate(bootstrap: str, topic: str, count: int) -> float:
+    """Messages/s of a bare aiokafka consumer reading `count` messages of `topic`."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        started = time.perf_counter()
+        seen = 0
+        while seen < count:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            seen += sum(len(messages) for messages in batches.values())
+        return seen / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
 
 
 async def main(
@@ -113,6 +139,9 @@ async def main(
     copy_rate = len(records) / copy_seconds
     await conn.execute("DROP SCHEMA copybench CASCADE")
     await conn.close()
+    read_rate = await kafka_read_rate(
+        settings.kafka_bootstrap_servers, settings.events_topic, events
+    )
     result = {
         "events": events,
         "distinct": distinct,
@@ -120,6 +149,7 @@ async def main(
         "copy_rows_per_s": copy_rate,
         "ratio": pipeline_rate / copy_rate,
         "consumer_peak_rss_mib": rss,
+        "kafka_read_only_per_s": read_rate,
     }
     print(
         f"pipeline (Kafka -> consumer -> Postgres): {stored:,} events in {pipeline_seconds:.2f}s = "
@@ -131,6 +161,10 @@ async def main(
     )
     print(f"ratio pipeline/COPY: {result['ratio']:.2f}")
     print(f"consumer peak RSS: {rss:.0f} MiB (max over {consumer_count} consumer processes)")
+    print(
+        f"ceiling: a bare aiokafka consumer reading the same topic, doing nothing with it: "
+        f"{read_rate:,.0f} messages/s = {read_rate / copy_rate:.2f} of the COPY rate"
+    )
     return result
 
 

@@ -76,6 +76,8 @@ def test_quantity_defaults_to_one() -> None:
         (json.dumps(event(org_id="not-a-uuid")).encode(), "invalid_uuid"),
         (json.dumps(event(org_id=12)).encode(), "invalid_uuid"),
         (json.dumps(event(user_id="nope")).encode(), "invalid_uuid"),
+        (json.dumps(event(user_id=[ORG])).encode(), "invalid_uuid"),
+        (json.dumps(event(occurred_at="\u0662026-03-15T11:00:00Z")).encode(), "invalid_timestamp"),
         (json.dumps(event(quantity=-1)).encode(), "negative_quantity"),
         (json.dumps(event(quantity="5")).encode(), "invalid_quantity"),
         (json.dumps(event(quantity=True)).encode(), "invalid_quantity"),

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metering.api.ingest import RejectedRequest, events_from_body
 from metering.config import Settings
+from metering.kafka_batches import publish_batches
 from metering.metrics import LATENCY_BUCKETS
 from metering.models import ID_PATTERN, EventType, utc_now
 from metering.partitioner import OrgKeyPartitioner
@@ -228,18 +229,20 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         pool = await create_pool(settings, max_size=10)
+        partitioner = OrgKeyPartitioner()
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap_servers,
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
             max_batch_size=512 * 1024,
-            partitioner=OrgKeyPartitioner(),
+            partitioner=partitioner,
         )
         await producer.start()
         state.update(
             pool=pool,
             producer=producer,
+            partitioner=partitioner,
             keys=KeyStore(pool),
             reads=ReadStore(pool),
             subscriptions=SubscriptionStore(pool),
@@ -424,10 +427,12 @@ def create_app(settings: Settings) -> FastAPI:
         producer: AIOKafkaProducer = state["producer"]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                acks = [
-                    await producer.send(settings.events_topic, e.payload, key=e.key) for e in events
-                ]
-                await asyncio.gather(*acks)
+                await publish_batches(
+                    producer,
+                    state["partitioner"],
+                    settings.events_topic,
+                    [(e.key, e.payload) for e in events],
+                )
         except (KafkaError, TimeoutError, OSError) as error:
             # Some events may be on Kafka already: a retry of the same request is safe,
             # because every event carries its id and the consumer stores each id once.

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 from bench.common import ROOT, fresh_environment, machine, settings_env, start_metering
 from metering.storage.keys import KeyStore
@@ -49,6 +50,11 @@ def run_load(mode: str, url: str, key: str, *args: str) -> subprocess.CompletedP
         text=True,
         check=True,
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 async def wait_for_events(conn: asyncpg.Connection, count: int) -> None:
@@ -123,11 +129,14 @@ async def main(rate: int, seconds: float, events: int, workers: int) -> None:
             "4",
         )
         await wait_for_events(conn, WARM_UP_EVENTS)
+        cpu_before = cpu_seconds(server.pid), cpu_seconds(consumer.pid)
         result = run_load(
             "ingest", url, key, "--events", str(events), "--batch", "500", "--concurrency", "4"
         )
         load = json.loads(result.stdout)
         await wait_for_events(conn, WARM_UP_EVENTS + events)
+        api_cpu = cpu_seconds(server.pid) - cpu_before[0]
+        consumer_cpu = cpu_seconds(consumer.pid) - cpu_before[1]
         last = await conn.fetchval("SELECT extract(epoch FROM max(received_at)) FROM usage_events")
         stored = await conn.fetchval("SELECT count(*) FROM usage_events") - WARM_UP_EVENTS
         span = float(last) + 0.2 - load["started_at"]
@@ -136,6 +145,13 @@ async def main(rate: int, seconds: float, events: int, workers: int) -> None:
             f"{stored / span:,.0f} events/s end to end (HTTP accepted all in "
             f"{load['accepted_seconds']:.2f}s = {events / load['accepted_seconds']:,.0f}/s; "
             f"failed requests {load['failed_requests']})",
+            flush=True,
+        )
+        # CPU time per event is steadier than a rate on a shared host: it does not count
+        # the time a process waited for a core.
+        print(
+            f"CPU per event: API {api_cpu / events * 1e6:.1f} µs, "
+            f"consumer {consumer_cpu / events * 1e6:.1f} µs",
             flush=True,
         )
         consumer.send_signal(signal.SIGTERM)

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from metering.config import Settings
 from metering.devenv.services import DevServices
-from metering.topics import TopicSpec, ensure_topics
+from metering.topics import TopicSpec, delete_topics_with_prefix, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,7 @@ async def fresh_environment(database: str, partitions: int = 6) -> Settings:
     await asyncio.to_thread(services.start_postgres)
     await asyncio.to_thread(services.start_kafka)
     await services.recreate_database()
+    await delete_topics_with_prefix(settings, "bench.")  # earlier runs'
     await ensure_topics(
         settings,
         [

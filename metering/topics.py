@@ -54,3 +54,36 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None
         return [spec.name for spec in wanted]
     finally:
         await admin.close()
+
+
+async def delete_topics_with_prefix(settings: Settings, prefix: str) -> list[str]:
+    """Delete every topic whose name starts with `prefix` (non-empty); return their names.
+
+    For the throwaway topics of benchmarks (`bench.`): left behind, they pile up in the dev
+    broker (thousands of partitions after a few days of work), and a benchmark then measures
+    a busier broker than the one before.
+    """
+    if not prefix:
+        raise ValueError("an empty prefix would delete every topic")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        doomed = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
+        if doomed:
+            await admin.delete_topics(doomed)
+        return doomed
+    finally:
+        await admin.close()
+
+
+async def delete_topics(settings: Settings, names: list[str]) -> None:
+    """Delete the named topics that exist (tests delete the ones they made)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        doomed = [name for name in names if name in existing]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()

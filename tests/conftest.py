@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from metering.config import Settings
 from metering.devenv.services import DevServices
 from metering.storage.keys import KeyStore
-from metering.topics import TopicSpec, ensure_topics
+from metering.topics import TopicSpec, delete_topics, ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "metering_test"
@@ -80,6 +80,15 @@ def dev_services(base_settings: Settings) -> DevServices:
 
 
 @pytest.fixture(scope="session")
+def session_topics(dev_services: DevServices, base_settings: Settings) -> Iterator[list[str]]:
+    """Topics the tests of this session made; deleted when it ends, so that they do not pile
+    up in the dev broker (another session running at the same time keeps its own)."""
+    made: list[str] = []
+    yield made
+    asyncio.run(delete_topics(base_settings, made))
+
+
+@pytest.fixture(scope="session")
 def migrated_database(dev_services: DevServices, base_settings: Settings) -> str:
     """A freshly created, migrated test database; its DSN."""
 
@@ -88,7 +97,9 @@ def migrated_database(dev_services: DevServices, base_settings: Settings) -> str
 
 
 @pytest.fixture
-def settings(base_settings: Settings, migrated_database: str) -> Settings:
+def settings(
+    base_settings: Settings, migrated_database: str, session_topics: list[str]
+) -> Settings:
     """Settings with topics and a consumer group of this test's own, so offsets and
     messages of one test never reach another. The topics exist when the test starts."""
     suffix = uuid.uuid4().hex[:8]
@@ -112,6 +123,7 @@ def settings(base_settings: Settings, migrated_database: str) -> Settings:
             ],
         )
     )
+    session_topics += [isolated.events_topic, isolated.dlq_topic, isolated.limits_topic]
     return isolated
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -37,11 +38,19 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:
-    """Create the topics that do not exist yet; return the names created now."""
+@contextlib.asynccontextmanager
+async def _admin(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await admin.start()
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None) -> list[str]:
+    """Create the topics that do not exist yet; return the names created now."""
+    async with _admin(settings) as admin:
         existing = set(await admin.list_topics())
         wanted = [spec for spec in (specs or topic_specs(settings)) if spec.name not in existing]
         if not wanted:
@@ -52,8 +61,14 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec] | None = None
                 [NewTopic(s.name, s.partitions, 1, topic_configs=s.config) for s in wanted]
             )
         return [spec.name for spec in wanted]
-    finally:
-        await admin.close()
+
+
+async def _delete_where(settings: Settings, doomed: Callable[[str], bool]) -> list[str]:
+    async with _admin(settings) as admin:
+        names = sorted(t for t in await admin.list_topics() if doomed(t))
+        if names:
+            await admin.delete_topics(names)
+        return names
 
 
 async def delete_topics_with_prefix(settings: Settings, prefix: str) -> list[str]:
@@ -65,25 +80,10 @@ async def delete_topics_with_prefix(settings: Settings, prefix: str) -> list[str
     """
     if not prefix:
         raise ValueError("an empty prefix would delete every topic")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        doomed = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
-        if doomed:
-            await admin.delete_topics(doomed)
-        return doomed
-    finally:
-        await admin.close()
+    return await _delete_where(settings, lambda name: name.startswith(prefix))
 
 
-async def delete_topics(settings: Settings, names: list[str]) -> None:
-    """Delete the named topics that exist (tests delete the ones they made)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        doomed = [name for name in names if name in existing]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
+async def delete_topics(settings: Settings, names: list[str]) -> list[str]:
+    """Delete the named topics that exist (tests delete the ones they made); return them."""
+    wanted = set(names)
+    return await _delete_where(settings, wanted.__contains__)

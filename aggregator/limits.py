@@ -26,6 +26,7 @@ class LimitUsage:
     period_start: date | None  # None for lifetime limits
     used: Decimal
     limit: int
+    notified: frozenset[int] = frozenset()  # thresholds already recorded for this period
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,13 @@ def crossing_id(
 
 
 def crossings(usages: list[LimitUsage], now: datetime) -> list[Crossing]:
-    """Every crossing the given usage levels have reached (the caller stores each once)."""
+    """Every crossing the given usage levels have reached and that is not in their
+    `notified` thresholds (the caller stores each once; ids make a repeat harmless)."""
     found = []
     for usage in usages:
         for threshold in thresholds_reached(usage.used, usage.limit):
+            if threshold in usage.notified:
+                continue
             found.append(
                 Crossing(
                     id=crossing_id(

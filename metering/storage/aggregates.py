@@ -22,22 +22,9 @@ RECORD_PASS = """
 INSERT INTO aggregation_passes (from_xid, to_xid, events, finished_at)
 VALUES ($1, $2, $3, clock_timestamp())
 """
-# Usage of every limited feature in the months the new events touched.
-TOUCHED_LIMITS = """
-WITH touched AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::date[]) AS g (org_id, event_type, period_start)
-)
-SELECT g.org_id, t.limit_key AS feature_key,
-       CASE WHEN t.lifetime THEN 'lifetime' ELSE 'month' END AS period,
-       CASE WHEN t.lifetime THEN NULL ELSE g.period_start END AS period_start,
-       usage_for_limit(g.org_id, t.limit_key, g.period_start) AS used,
-       pf.limit_value
-FROM touched g
-JOIN event_types t ON t.event_type = g.event_type
-LEFT JOIN org_subscriptions s ON s.org_id = g.org_id
-JOIN plan_features pf ON pf.plan = coalesce(s.plan, 'free') AND pf.feature_key = t.limit_key
-WHERE pf.limit_value <> -1
-"""
+# Usage of every limited feature in the months the new events touched, with the thresholds
+# already recorded for it (migration 008).
+TOUCHED_LIMITS = "SELECT * FROM touched_limit_usage($1, $2, $3)"
 RECORD_CROSSINGS = """
 INSERT INTO limit_notifications
     (id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
@@ -110,6 +97,7 @@ class AggregateStore:
                         r["period_start"],
                         Decimal(r["used"]),
                         r["limit_value"],
+                        frozenset(r["notified"]),
                     )
                     for r in rows
                 ]

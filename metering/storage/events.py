@@ -48,6 +48,10 @@ SELECT org_id FROM unnest($1::uuid[]) AS t(org_id) ORDER BY org_id
 ON CONFLICT (org_id) DO NOTHING
 """
 
+# How many events this transaction stored, and when: the aggregator's freshness histogram
+# reads it (migration 008).
+RECORD_BATCH = "INSERT INTO ingest_batches (events) VALUES ($1)"
+
 ENSURE_PARTITIONS = "SELECT ensure_usage_event_partitions($1::date, $2::date)"
 
 
@@ -120,6 +124,8 @@ class EventStore:
                     pending.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await pending
+            if stored:
+                await conn.execute(RECORD_BATCH, stored)
             new_orgs = sorted(orgs - self._known_orgs)
             if new_orgs:
                 await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)

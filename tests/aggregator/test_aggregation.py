@@ -311,3 +311,96 @@ async def test_unknown_org_is_checked_against_free(aggregate_store: AggregateSto
         0,
         True,
     )
+
+
+async def test_quarter_hour_holding_a_local_midnight_is_split_exactly(
+    db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
+) -> None:
+    """The pass groups events by UTC quarter hour before finding their local day. Liberia
+    kept UTC-0:44:30 until 1972, so its midnight fell at 00:44:30 UTC, inside the quarter
+    00:30-00:45: those events must still land on their own local days."""
+    await aggregator.run_once()
+    org = uuid.uuid4()
+    await subscribe(db, org, "pro", "Africa/Monrovia")
+    events = Events(event_store, org)
+    u1, u2 = uuid.uuid4(), uuid.uuid4()
+    await events.add("api_call", "1971-07-01T00:31:00Z", 2)  # Jun 30 23:46:30 local
+    await events.add("api_call", "1971-07-01T00:44:29Z", 3)  # Jun 30 23:59:59 local
+    await events.add("api_call", "1971-07-01T00:44:31Z", 5)  # Jul 1 00:00:01 local
+    await events.add("storage_used", "1971-07-01T00:40:00Z", 700)  # Jun 30
+    await events.add("storage_used", "1971-07-01T00:44:00Z", 600)  # Jun 30, later: wins
+    await events.add("storage_used", "1971-07-01T00:44:40Z", 100)  # Jul 1
+    await events.add("user_active", "1971-07-01T00:35:00Z", user=u1)  # Jun 30
+    await events.add("user_active", "1971-07-01T00:44:35Z", user=u1)  # Jul 1
+    await events.add("user_active", "1971-07-01T00:44:50Z", user=u2)  # Jul 1
+    result = await aggregator.run_once()
+    assert result.events == 9
+    assert await aggregates(db, org) == {
+        ("api_call", "day", "1971-06-30"): ("5", 2),
+        ("api_call", "day", "1971-07-01"): ("5", 1),
+        ("api_call", "month", "1971-06-01"): ("5", 2),
+        ("api_call", "month", "1971-07-01"): ("5", 1),
+        ("storage_used", "day", "1971-06-30"): ("600", 2),
+        ("storage_used", "day", "1971-07-01"): ("100", 1),
+        ("storage_used", "month", "1971-06-01"): ("600", 2),
+        ("storage_used", "month", "1971-07-01"): ("100", 1),
+        ("user_active", "day", "1971-06-30"): ("1", 1),
+        ("user_active", "day", "1971-07-01"): ("2", 2),
+        ("user_active", "month", "1971-06-01"): ("1", 1),
+        ("user_active", "month", "1971-07-01"): ("2", 2),
+    }
+
+
+async def test_limit_usage_of_a_pass_agrees_with_the_access_check(
+    db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
+) -> None:
+    """touched_limit_usage (what the pass checks) gives the numbers usage_for_limit (what
+    the access check shows) gives, for every kind of meter, and lists recorded thresholds."""
+    await aggregator.run_once()
+    org = uuid.uuid4()
+    await subscribe(db, org, "pro", "UTC")  # limits high enough that nothing is crossed
+    events = Events(event_store, org)
+    now = datetime.now(UTC)
+    month = now.date().replace(day=1)
+    last_month = (month - timedelta(days=1)).replace(day=1)
+    earlier = datetime.combine(last_month, datetime.min.time(), UTC) + timedelta(days=3)
+    await events.add("api_call", now.isoformat(), 700)
+    await events.add("api_call", earlier.isoformat(), 50)
+    await events.add("record_created", now.isoformat(), 30)
+    await events.add("record_created", earlier.isoformat(), 40)  # lifetime: both months
+    await events.add("storage_used", earlier.isoformat(), 2_500_000_000)  # GB, last month
+    await events.add("user_active", now.isoformat(), user=uuid.uuid4())
+    await aggregator.run_once()
+    await db.execute(
+        "INSERT INTO limit_notifications (id, org_id, feature_key, period, period_start, "
+        "threshold_percent, used, limit_value, crossed_at, published_at) "
+        "VALUES ($1, $2, 'max_api_calls_per_month', 'month', $3, 80, 700, 1000, now(), now())",
+        uuid.uuid4(),
+        org,
+        month,
+    )
+    touched = [
+        (org, "api_call", month),
+        (org, "api_call", last_month),
+        (org, "record_created", month),
+        (org, "record_created", last_month),
+        (org, "storage_used", month),  # no reading this month: the latest before it counts
+        (org, "user_active", month),
+    ]
+    rows = await db.fetch(
+        "SELECT * FROM touched_limit_usage($1, $2, $3)",
+        *([t[i] for t in touched] for i in range(3)),
+    )
+    found = {(r["feature_key"], r["period_start"]): r for r in rows}
+    assert len(rows) == len(found) == 5  # the lifetime limit is one row
+    for (feature, start), row in found.items():
+        expected = await db.fetchval(
+            "SELECT usage_for_limit($1, $2, $3)", org, feature, start or month
+        )
+        assert row["used"] == expected, feature
+    assert found[("max_api_calls_per_month", month)]["used"] == 700
+    assert found[("max_api_calls_per_month", month)]["notified"] == [80]
+    assert found[("max_api_calls_per_month", last_month)]["notified"] == []
+    assert found[("max_records", None)]["used"] == 70
+    assert found[("max_storage_gb", month)]["used"] == Decimal("2.5")
+    assert found[("max_mau", month)]["used"] == 1

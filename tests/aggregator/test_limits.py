@@ -60,3 +60,28 @@ def test_crossings_carry_the_message_fields() -> None:
         "limit": 100,
         "crossed_at": "2026-03-05T00:00:00+00:00",
     }
+
+
+def test_thresholds_already_recorded_are_not_proposed_again() -> None:
+    now = datetime(2026, 3, 5, tzinfo=UTC)
+    march = date(2026, 3, 1)
+    over = Decimal(120)
+    assert [
+        c.threshold_percent
+        for c in crossings(
+            [LimitUsage(ORG, "max_mau", "month", march, over, 100, frozenset({80}))], now
+        )
+    ] == [100]
+    assert (
+        crossings(
+            [LimitUsage(ORG, "max_mau", "month", march, over, 100, frozenset({80, 100}))], now
+        )
+        == []
+    )
+    # a limit lowered after an 80% crossing: only the 100% one is new
+    assert [
+        c.threshold_percent
+        for c in crossings(
+            [LimitUsage(ORG, "max_mau", "month", march, Decimal(60), 50, frozenset({80}))], now
+        )
+    ] == [100]

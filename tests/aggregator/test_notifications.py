@@ -89,7 +89,7 @@ async def test_crossings_once_across_restart_and_reaggregation(
     )
     assert not [m for m in messages if m["org_id"] == str(rich)]
     assert len({m["id"] for m in messages}) == len(messages)
-    hundred = next(m for m in messages if m["threshold_percent"] == 100)
+    hundred = next(m for m in messages if m["org_id"] == str(org) and m["threshold_percent"] == 100)
     assert (hundred["feature_key"], hundred["limit"], hundred["used"]) == (
         "max_api_calls_per_month",
         1000,

@@ -16,8 +16,10 @@
 --    copy of the events. Every UTC offset in use is a whole number of quarter hours, so a
 --    local midnight never falls inside a quarter hour; should one ever do (a historical
 --    local mean time, a future zone), the quarter's first and last instants fall on
---    different local days and that group's events are located one by one instead. Exact
---    in every case.
+--    different local days and that group's events are located one by one instead. This
+--    relies on an instant's local date not going back and forth inside one quarter hour
+--    (two offset changes within 15 minutes); `metering reconcile`, which converts every
+--    event on its own, would list any aggregate where that ever failed.
 -- 3. The storage times for the freshness histogram come from ingest_batches, one row per
 --    writing transaction of the consumer (how many events, when), which the pass consumes,
 --    instead of a second grouping key on every event (measured: +10% on the scan).

@@ -1,0 +1,155 @@
+"""What one stored event costs PostgreSQL, part by part, against COPY of the same rows.
+
+    .venv/bin/python -m bench.write_cost [--events 300000] [--chunk 5000]
+
+Each step writes `--events` fresh rows in transactions of `--chunk` rows (the consumer's
+shape) into a freshly migrated database and reports the backend's CPU time per event (user +
+system, read from /proc for the server process of the connection), the client's CPU time
+per event (building the statement's arrays and asyncpg encoding them) and the wall rate:
+
+1. COPY into usage_events: the benchmark baseline of bench.ingest, per chunk;
+2. the events half of the write statement alone (INSERT .. SELECT FROM unnest);
+3. the dedupe half alone (claim (org_id, id) in usage_event_ids, ON CONFLICT DO NOTHING);
+4. the write statement the consumer runs (claim + store in one statement);
+5. the same statement again on the same ids: every event a duplicate.
+
+The server's CPU per event bounds the pipeline's rate whatever the consumer does: one
+transaction runs on one backend, and this machine has two cores for Postgres, Kafka and the
+consumer together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+
+from bench.common import fresh_environment, machine
+from metering.storage.events import STORE_NEW_EVENTS
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+EVENT_TYPES = ["api_call", "record_created", "automation_run", "ai_tokens_used"]
+COLUMNS = [
+    "org_id",
+    "event_id",
+    "event_type",
+    "user_id",
+    "quantity",
+    "occurred_at",
+    "metadata",
+    "source_partition",
+    "source_offset",
+]
+INCOMING = """
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[],
+                     $6::timestamptz[], $7::text[], $8::int[], $9::bigint[])
+    AS t(org_id, event_id, event_type, user_id, quantity, occurred_at, metadata,
+         source_partition, source_offset)
+"""
+STORE_ONLY = f"""
+INSERT INTO usage_events (org_id, event_id, event_type, user_id, quantity, occurred_at,
+                          metadata, source_partition, source_offset)
+SELECT org_id, event_id, event_type, user_id, quantity::numeric, occurred_at, metadata::jsonb,
+       source_partition, source_offset
+FROM ({INCOMING}) AS i
+"""
+CLAIM_ONLY = f"""
+INSERT INTO usage_event_ids (org_id, event_id)
+SELECT org_id, event_id FROM ({INCOMING}) AS i ORDER BY 1, 2
+ON CONFLICT DO NOTHING
+"""
+
+Row = tuple[uuid.UUID, str, str, None, str, datetime, None, int, int]
+
+
+def backend_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def synthetic_rows(prefix: str, count: int) -> list[Row]:
+    orgs = [uuid.UUID(int=n + 1) for n in range(1000)]
+    now = datetime.now(UTC)
+    return [
+        (
+            orgs[n % 1000],
+            f"{prefix}-{n}",
+            EVENT_TYPES[n % 4],
+            None,
+            str(1 + n % 50),
+            now - timedelta(seconds=n % 86400),
+            None,
+            n % 6,
+            n,
+        )
+        for n in range(count)
+    ]
+
+
+async def write_chunks(
+    conn: asyncpg.Connection, rows: Sequence[Row], chunk: int, statement: str | None
+) -> None:
+    for first in range(0, len(rows), chunk):
+        part = rows[first : first + chunk]
+        async with conn.transaction():
+            if statement is None:
+                await conn.copy_records_to_table(
+                    "usage_events",
+                    records=[(*r[:4], Decimal(r[4]), *r[5:]) for r in part],
+                    columns=COLUMNS,
+                )
+            else:
+                await conn.execute(statement, *[list(column) for column in zip(*part, strict=True)])
+
+
+async def measure(
+    conn: asyncpg.Connection, label: str, rows: Sequence[Row], chunk: int, statement: str | None
+) -> None:
+    pid = conn.get_server_pid()
+    server, client, wall = backend_cpu_seconds(pid), time.process_time(), time.perf_counter()
+    await write_chunks(conn, rows, chunk, statement)
+    server = backend_cpu_seconds(pid) - server
+    client = time.process_time() - client
+    wall = time.perf_counter() - wall
+    count = len(rows)
+    print(
+        f"{label:44} server {server / count * 1e6:5.1f} µs/event   "
+        f"client {client / count * 1e6:5.1f} µs/event   {count / wall:8,.0f} events/s",
+        flush=True,
+    )
+
+
+async def main(events: int, chunk: int) -> None:
+    settings = await fresh_environment("metering_bench_write_cost")
+    print(f"machine: {machine()}", flush=True)
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    await conn.execute("CHECKPOINT")
+    stored = synthetic_rows("s", events)
+    steps: list[tuple[str, list[Row], str | None]] = [
+        ("1. COPY into usage_events", synthetic_rows("c", events), None),
+        ("2. store only (INSERT .. unnest)", synthetic_rows("u", events), STORE_ONLY),
+        ("3. claim ids only (usage_event_ids)", synthetic_rows("i", events), CLAIM_ONLY),
+        ("4. write statement: claim + store", stored, STORE_NEW_EVENTS),
+        ("5. write statement, every event a duplicate", stored, STORE_NEW_EVENTS),
+    ]
+    for label, rows, statement in steps:
+        await measure(conn, label, rows, chunk, statement)
+    await conn.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--chunk", type=int, default=5000)
+    args = parser.parse_args()
+    asyncio.run(main(args.events, args.chunk))

@@ -33,21 +33,11 @@ from pathlib import Path
 import asyncpg
 
 from bench.common import fresh_environment, machine
+from bench.ingest import COPY_COLUMNS
 from metering.storage.events import STORE_NEW_EVENTS
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 EVENT_TYPES = ["api_call", "record_created", "automation_run", "ai_tokens_used"]
-COLUMNS = [
-    "org_id",
-    "event_id",
-    "event_type",
-    "user_id",
-    "quantity",
-    "occurred_at",
-    "metadata",
-    "source_partition",
-    "source_offset",
-]
 INCOMING = """
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[],
                      $6::timestamptz[], $7::text[], $8::int[], $9::bigint[])
@@ -104,7 +94,7 @@ async def write_chunks(
                 await conn.copy_records_to_table(
                     "usage_events",
                     records=[(*r[:4], Decimal(r[4]), *r[5:]) for r in part],
-                    columns=COLUMNS,
+                    columns=COPY_COLUMNS,
                 )
             else:
                 await conn.execute(statement, *[list(column) for column in zip(*part, strict=True)])

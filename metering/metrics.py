@@ -94,7 +94,7 @@ class AggregatorMetrics:
         )
         self.freshness = Histogram(
             "metering_aggregation_freshness_seconds",
-            "Seconds from an event's storage in usage_events to its aggregation.",
+            "Seconds from the consumer's storing of an event to its aggregation.",
             buckets=FRESHNESS_BUCKETS,
             registry=registry,
         )

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from aggregator.limits import Crossing, LimitUsage, crossings
 from metering.config import Settings
-from metering.metrics import AggregatorMetrics
+from metering.metrics import AggregatorMetrics, observe_many
 from metering.models import utc_now
 from metering.retry import retry_until_done
 from metering.storage.aggregates import AggregateStore, PassResult
@@ -62,8 +62,7 @@ class Aggregator:
         self._metrics.pass_seconds.observe(time.perf_counter() - started)
         self._metrics.events.inc(result.events)
         for age, count in result.ages:
-            for _ in range(count):
-                self._metrics.freshness.observe(age)
+            observe_many(self._metrics.freshness, age, count)
         for crossing in result.new_crossings:
             self._metrics.crossings.labels(
                 crossing.feature_key, str(crossing.threshold_percent)

@@ -11,7 +11,10 @@ per event (building the statement's arrays and asyncpg encoding them) and the wa
 2. the events half of the write statement alone (INSERT .. SELECT FROM unnest);
 3. the dedupe half alone (claim (org_id, id) in usage_event_ids, ON CONFLICT DO NOTHING);
 4. the write statement the consumer runs (claim + store in one statement);
-5. the same statement again on the same ids: every event a duplicate.
+5. the same statement again on the same ids: every event a duplicate;
+6. and 7. the other design: one unpartitioned table whose primary key is the dedupe key
+   (org_id, event_id), written by COPY and by INSERT .. ON CONFLICT DO NOTHING. What the
+   ratio of bench.ingest could be if usage_events gave up monthly partitions.
 
 The server's CPU per event bounds the pipeline's rate whatever the consumer does: one
 transaction runs on one backend, and this machine has two cores for Postgres, Kafka and the
@@ -51,6 +54,21 @@ SELECT org_id, event_id, event_type, user_id, quantity::numeric, occurred_at, me
        source_partition, source_offset
 FROM ({INCOMING}) AS i
 """
+SINGLE_TABLE = """
+CREATE TABLE events_single (LIKE usage_events INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE events_single ADD PRIMARY KEY (org_id, event_id);
+CREATE INDEX ON events_single (org_id, occurred_at);
+CREATE INDEX ON events_single (ingest_xid);
+"""
+STORE_SINGLE = f"""
+INSERT INTO events_single (org_id, event_id, event_type, user_id, quantity, occurred_at,
+                           metadata, source_partition, source_offset)
+SELECT org_id, event_id, event_type, user_id, quantity::numeric, occurred_at, metadata::jsonb,
+       source_partition, source_offset
+FROM ({INCOMING}) AS i
+ORDER BY org_id, event_id
+ON CONFLICT DO NOTHING
+"""
 CLAIM_ONLY = f"""
 INSERT INTO usage_event_ids (org_id, event_id)
 SELECT org_id, event_id FROM ({INCOMING}) AS i ORDER BY 1, 2
@@ -85,14 +103,14 @@ def synthetic_rows(prefix: str, count: int) -> list[Row]:
 
 
 async def write_chunks(
-    conn: asyncpg.Connection, rows: Sequence[Row], chunk: int, statement: str | None
+    conn: asyncpg.Connection, rows: Sequence[Row], chunk: int, statement: str | None, table: str
 ) -> None:
     for first in range(0, len(rows), chunk):
         part = rows[first : first + chunk]
         async with conn.transaction():
             if statement is None:
                 await conn.copy_records_to_table(
-                    "usage_events",
+                    table,
                     records=[(*r[:4], Decimal(r[4]), *r[5:]) for r in part],
                     columns=COPY_COLUMNS,
                 )
@@ -101,11 +119,16 @@ async def write_chunks(
 
 
 async def measure(
-    conn: asyncpg.Connection, label: str, rows: Sequence[Row], chunk: int, statement: str | None
+    conn: asyncpg.Connection,
+    label: str,
+    rows: Sequence[Row],
+    chunk: int,
+    statement: str | None,
+    table: str,
 ) -> None:
     pid = conn.get_server_pid()
     server, client, wall = backend_cpu_seconds(pid), time.process_time(), time.perf_counter()
-    await write_chunks(conn, rows, chunk, statement)
+    await write_chunks(conn, rows, chunk, statement, table)
     server = backend_cpu_seconds(pid) - server
     client = time.process_time() - client
     wall = time.perf_counter() - wall
@@ -121,17 +144,30 @@ async def main(events: int, chunk: int) -> None:
     settings = await fresh_environment("metering_bench_write_cost")
     print(f"machine: {machine()}", flush=True)
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    await conn.execute(SINGLE_TABLE)
     await conn.execute("CHECKPOINT")
     stored = synthetic_rows("s", events)
-    steps: list[tuple[str, list[Row], str | None]] = [
-        ("1. COPY into usage_events", synthetic_rows("c", events), None),
-        ("2. store only (INSERT .. unnest)", synthetic_rows("u", events), STORE_ONLY),
-        ("3. claim ids only (usage_event_ids)", synthetic_rows("i", events), CLAIM_ONLY),
-        ("4. write statement: claim + store", stored, STORE_NEW_EVENTS),
-        ("5. write statement, every event a duplicate", stored, STORE_NEW_EVENTS),
+    steps: list[tuple[str, list[Row], str | None, str]] = [
+        ("1. COPY into usage_events", synthetic_rows("c", events), None, "usage_events"),
+        ("2. store only (INSERT .. unnest)", synthetic_rows("u", events), STORE_ONLY, ""),
+        ("3. claim ids only (usage_event_ids)", synthetic_rows("i", events), CLAIM_ONLY, ""),
+        ("4. write statement: claim + store", stored, STORE_NEW_EVENTS, ""),
+        ("5. write statement, every event a duplicate", stored, STORE_NEW_EVENTS, ""),
+        (
+            "6. one table keyed (org_id, id): COPY",
+            synthetic_rows("k", events),
+            None,
+            "events_single",
+        ),
+        (
+            "7. one table keyed: INSERT .. ON CONFLICT",
+            synthetic_rows("m", events),
+            STORE_SINGLE,
+            "",
+        ),
     ]
-    for label, rows, statement in steps:
-        await measure(conn, label, rows, chunk, statement)
+    for label, rows, statement, table in steps:
+        await measure(conn, label, rows, chunk, statement, table)
     await conn.close()
 
 

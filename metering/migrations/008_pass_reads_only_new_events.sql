@@ -23,9 +23,9 @@
 -- 3. The storage times for the freshness histogram come from ingest_batches, one row per
 --    writing transaction of the consumer (how many events, when), which the pass consumes,
 --    instead of a second grouping key on every event (measured: +10% on the scan).
--- 4. touched_limit_usage: the usage of every limit the pass touched, set-based (the same
---    numbers as usage_for_limit, which the access check keeps using), with the thresholds
---    already recorded, so the aggregator proposes only crossings that are new.
+-- 4. touched_limit_usage: the usage of every limit the pass touched (usage_for_limit, as the
+--    access check computes it), with the thresholds already recorded, so the aggregator
+--    proposes only crossings that are new.
 
 CREATE INDEX usage_events_ingest_xid_btree ON usage_events (ingest_xid);
 DROP INDEX usage_events_ingest_xid;
@@ -203,48 +203,28 @@ CREATE INDEX limit_notifications_by_limit
     ON limit_notifications (org_id, feature_key, period_start);
 
 -- For every (org, event type, month) a pass touched whose limit is not unlimited: the usage
--- of that limit, as usage_for_limit computes it (the month's sum, latest gauge reading up
--- to that month, distinct users of the month, or the lifetime sum; divided by the limit's
--- unit), the limit, and the thresholds already recorded for it. One row per limit and
+-- of that limit as the access check computes it (usage_for_limit, the one definition of
+-- "used"), the limit, and the thresholds already recorded for it. One row per limit and
 -- period (a lifetime limit touched in several months is one row).
 CREATE FUNCTION touched_limit_usage(p_orgs uuid[], p_types text[], p_months date[])
 RETURNS TABLE (org_id uuid, feature_key text, period text, period_start date, used numeric,
                limit_value bigint, notified int[])
 LANGUAGE sql STABLE AS $$
     WITH touched AS (
-        SELECT DISTINCT g.org_id, g.event_type, t.limit_key, t.lifetime, t.aggregation,
-               t.limit_unit, CASE WHEN t.lifetime THEN NULL ELSE g.month END AS month
+        SELECT DISTINCT g.org_id, t.limit_key, t.lifetime,
+               CASE WHEN t.lifetime THEN NULL ELSE g.month END AS month
         FROM unnest(p_orgs, p_types, p_months) AS g (org_id, event_type, month)
         JOIN event_types t ON t.event_type = g.event_type
-    ), limited AS (
-        SELECT x.*, pf.limit_value
-        FROM touched x
-        LEFT JOIN org_subscriptions s ON s.org_id = x.org_id
-        JOIN plan_features pf ON pf.plan = coalesce(s.plan, 'free') AND pf.feature_key = x.limit_key
-        WHERE pf.limit_value <> -1
-    ), measured AS (
-        SELECT l.*, coalesce(CASE
-            WHEN l.lifetime THEN
-                (SELECT sum(a.value) FROM usage_aggregations a
-                 WHERE a.org_id = l.org_id AND a.event_type = l.event_type AND a.period = 'month')
-            WHEN l.aggregation = 'gauge_latest' THEN
-                (SELECT a.value FROM usage_aggregations a
-                 WHERE a.org_id = l.org_id AND a.event_type = l.event_type AND a.period = 'month'
-                   AND a.period_start <= l.month
-                 ORDER BY a.period_start DESC LIMIT 1)
-            ELSE
-                (SELECT a.value FROM usage_aggregations a
-                 WHERE a.org_id = l.org_id AND a.event_type = l.event_type AND a.period = 'month'
-                   AND a.period_start = l.month)
-        END, 0) AS raw_used
-        FROM limited l
     )
-    SELECT m.org_id, m.limit_key, CASE WHEN m.lifetime THEN 'lifetime' ELSE 'month' END, m.month,
-           CASE WHEN m.limit_unit = 1 THEN m.raw_used ELSE m.raw_used / m.limit_unit END,
-           m.limit_value,
+    SELECT x.org_id, x.limit_key, CASE WHEN x.lifetime THEN 'lifetime' ELSE 'month' END, x.month,
+           usage_for_limit(x.org_id, x.limit_key, x.month),
+           pf.limit_value,
            coalesce((SELECT array_agg(n.threshold_percent ORDER BY n.threshold_percent)
                      FROM limit_notifications n
-                     WHERE n.org_id = m.org_id AND n.feature_key = m.limit_key
-                       AND n.period_start IS NOT DISTINCT FROM m.month), '{}')
-    FROM measured m
+                     WHERE n.org_id = x.org_id AND n.feature_key = x.limit_key
+                       AND n.period_start IS NOT DISTINCT FROM x.month), '{}')
+    FROM touched x
+    LEFT JOIN org_subscriptions s ON s.org_id = x.org_id
+    JOIN plan_features pf ON pf.plan = coalesce(s.plan, 'free') AND pf.feature_key = x.limit_key
+    WHERE pf.limit_value <> -1
 $$;

@@ -28,10 +28,10 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 
@@ -41,18 +41,12 @@ from metering.storage.events import STORE_NEW_EVENTS
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 EVENT_TYPES = ["api_call", "record_created", "automation_run", "ai_tokens_used"]
-INCOMING = """
+# The rows of a chunk, as the write statement (STORE_NEW_EVENTS) reads them.
+INCOMING_EVENTS = """
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[],
                      $6::timestamptz[], $7::text[], $8::int[], $9::bigint[])
     AS t(org_id, event_id, event_type, user_id, quantity, occurred_at, metadata,
          source_partition, source_offset)
-"""
-STORE_ONLY = f"""
-INSERT INTO usage_events (org_id, event_id, event_type, user_id, quantity, occurred_at,
-                          metadata, source_partition, source_offset)
-SELECT org_id, event_id, event_type, user_id, quantity::numeric, occurred_at, metadata::jsonb,
-       source_partition, source_offset
-FROM ({INCOMING}) AS i
 """
 SINGLE_TABLE = """
 CREATE TABLE events_single (LIKE usage_events INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
@@ -60,18 +54,25 @@ ALTER TABLE events_single ADD PRIMARY KEY (org_id, event_id);
 CREATE INDEX ON events_single (org_id, occurred_at);
 CREATE INDEX ON events_single (ingest_xid);
 """
-STORE_SINGLE = f"""
-INSERT INTO events_single (org_id, event_id, event_type, user_id, quantity, occurred_at,
-                           metadata, source_partition, source_offset)
+
+
+def store_into(table: str, on_conflict: str = "") -> str:
+    """INSERT .. SELECT of a chunk's rows into `table`, as the write statement stores them."""
+    return f"""
+INSERT INTO {table} (org_id, event_id, event_type, user_id, quantity, occurred_at,
+                     metadata, source_partition, source_offset)
 SELECT org_id, event_id, event_type, user_id, quantity::numeric, occurred_at, metadata::jsonb,
        source_partition, source_offset
-FROM ({INCOMING}) AS i
-ORDER BY org_id, event_id
-ON CONFLICT DO NOTHING
+FROM ({INCOMING_EVENTS}) AS i
+{on_conflict}
 """
+
+
+STORE_ONLY = store_into("usage_events")
+STORE_SINGLE = store_into("events_single", "ORDER BY org_id, event_id ON CONFLICT DO NOTHING")
 CLAIM_ONLY = f"""
 INSERT INTO usage_event_ids (org_id, event_id)
-SELECT org_id, event_id FROM ({INCOMING}) AS i ORDER BY 1, 2
+SELECT org_id, event_id FROM ({INCOMING_EVENTS}) AS i ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 """
 
@@ -102,39 +103,40 @@ def synthetic_rows(prefix: str, count: int) -> list[Row]:
     ]
 
 
-async def write_chunks(
-    conn: asyncpg.Connection, rows: Sequence[Row], chunk: int, statement: str | None, table: str
-) -> None:
+class Step(NamedTuple):
+    label: str
+    rows: list[Row]
+    statement: str | None = None  # the statement to run per chunk, or
+    copy_into: str = ""  # the table to COPY each chunk into
+
+
+async def write_chunks(conn: asyncpg.Connection, step: Step, chunk: int) -> None:
+    rows = step.rows
     for first in range(0, len(rows), chunk):
         part = rows[first : first + chunk]
         async with conn.transaction():
-            if statement is None:
+            if step.statement is None:
                 await conn.copy_records_to_table(
-                    table,
+                    step.copy_into,
                     records=[(*r[:4], Decimal(r[4]), *r[5:]) for r in part],
                     columns=COPY_COLUMNS,
                 )
             else:
-                await conn.execute(statement, *[list(column) for column in zip(*part, strict=True)])
+                await conn.execute(
+                    step.statement, *[list(column) for column in zip(*part, strict=True)]
+                )
 
 
-async def measure(
-    conn: asyncpg.Connection,
-    label: str,
-    rows: Sequence[Row],
-    chunk: int,
-    statement: str | None,
-    table: str,
-) -> None:
+async def measure(conn: asyncpg.Connection, step: Step, chunk: int) -> None:
     pid = conn.get_server_pid()
     server, client, wall = backend_cpu_seconds(pid), time.process_time(), time.perf_counter()
-    await write_chunks(conn, rows, chunk, statement, table)
+    await write_chunks(conn, step, chunk)
     server = backend_cpu_seconds(pid) - server
     client = time.process_time() - client
     wall = time.perf_counter() - wall
-    count = len(rows)
+    count = len(step.rows)
     print(
-        f"{label:44} server {server / count * 1e6:5.1f} µs/event   "
+        f"{step.label:44} server {server / count * 1e6:5.1f} µs/event   "
         f"client {client / count * 1e6:5.1f} µs/event   {count / wall:8,.0f} events/s",
         flush=True,
     )
@@ -147,27 +149,23 @@ async def main(events: int, chunk: int) -> None:
     await conn.execute(SINGLE_TABLE)
     await conn.execute("CHECKPOINT")
     stored = synthetic_rows("s", events)
-    steps: list[tuple[str, list[Row], str | None, str]] = [
-        ("1. COPY into usage_events", synthetic_rows("c", events), None, "usage_events"),
-        ("2. store only (INSERT .. unnest)", synthetic_rows("u", events), STORE_ONLY, ""),
-        ("3. claim ids only (usage_event_ids)", synthetic_rows("i", events), CLAIM_ONLY, ""),
-        ("4. write statement: claim + store", stored, STORE_NEW_EVENTS, ""),
-        ("5. write statement, every event a duplicate", stored, STORE_NEW_EVENTS, ""),
-        (
+    steps = [
+        Step("1. COPY into usage_events", synthetic_rows("c", events), copy_into="usage_events"),
+        Step("2. store only (INSERT .. unnest)", synthetic_rows("u", events), STORE_ONLY),
+        Step("3. claim ids only (usage_event_ids)", synthetic_rows("i", events), CLAIM_ONLY),
+        Step("4. write statement: claim + store", stored, STORE_NEW_EVENTS),
+        Step("5. write statement, every event a duplicate", stored, STORE_NEW_EVENTS),
+        Step(
             "6. one table keyed (org_id, id): COPY",
             synthetic_rows("k", events),
-            None,
-            "events_single",
+            copy_into="events_single",
         ),
-        (
-            "7. one table keyed: INSERT .. ON CONFLICT",
-            synthetic_rows("m", events),
-            STORE_SINGLE,
-            "",
+        Step(
+            "7. one table keyed: INSERT .. ON CONFLICT", synthetic_rows("m", events), STORE_SINGLE
         ),
     ]
-    for label, rows, statement, table in steps:
-        await measure(conn, label, rows, chunk, statement, table)
+    for step in steps:
+        await measure(conn, step, chunk)
     await conn.close()
 
 

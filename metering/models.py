@@ -101,6 +101,22 @@ class UsageEvent(BaseModel):
             ) from None
         return parsed
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_storable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # JSON can spell characters PostgreSQL's jsonb refuses to store: U+0000 and lone
+        # UTF-16 surrogates. Accepted, such an event would fail its whole batch's
+        # transaction on every retry; refused here, it alone goes to the dead-letter topic.
+        if value is not None:
+            unstorable = _unstorable_text(value)
+            if unstorable is not None:
+                raise PydanticCustomError(
+                    "invalid_metadata",
+                    "metadata contains {what}, which cannot be stored (PostgreSQL jsonb)",
+                    {"what": unstorable},
+                )
+        return value
+
     def to_json(self) -> bytes:
         """Serialise to the wire form of contract section 1 (exact decimals, RFC 3339).
 
@@ -125,6 +141,31 @@ class UsageEvent(BaseModel):
         """The Kafka message key: the org id's text, so one organization stays on one
         partition (one writer, in order)."""
         return uuid_text(self.org_id).encode()
+
+
+# A lone surrogate: a JSON \\udXXX escape without its pair. UTF-8 (and so jsonb) cannot encode it.
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
+def _unstorable_text(value: object) -> str | None:
+    """What in a decoded JSON value jsonb cannot store (U+0000, a lone surrogate), or None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "the character U+0000"
+        if _SURROGATE.search(value):
+            return "an unpaired UTF-16 surrogate"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unstorable_text(key) or _unstorable_text(item)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _unstorable_text(item)
+            if found:
+                return found
+    return None
 
 
 _UUID_TEXTS: dict[UUID, str] = {}
@@ -162,6 +203,7 @@ _FIELD_CODES = {
 }
 _OWN_CODES = {
     "invalid_uuid",
+    "invalid_metadata",
     "invalid_quantity",
     "negative_quantity",
     "quantity_too_precise",

@@ -54,6 +54,15 @@ RECORD_BATCH = "INSERT INTO ingest_batches (events) VALUES ($1)"
 
 ENSURE_PARTITIONS = "SELECT ensure_usage_event_partitions($1::date, $2::date)"
 
+# Errors that say "this row's data" rather than "this database": a value PostgreSQL cannot
+# convert or a CHECK it breaks. Validation should have refused such an event already; if
+# one slips through, `write_isolating` finds it so that it alone is set aside.
+REFUSED_BY_DATABASE: tuple[type[asyncpg.PostgresError], ...] = (
+    asyncpg.DataError,
+    asyncpg.CheckViolationError,
+    asyncpg.NotNullViolationError,
+)
+
 
 @dataclass(frozen=True)
 class IncomingEvent:
@@ -68,6 +77,15 @@ class IncomingEvent:
 class WriteResult:
     stored: int
     duplicates: int
+
+
+@dataclass(frozen=True)
+class RefusedEvent:
+    """An event PostgreSQL would not store, with the error it gave."""
+
+    item: IncomingEvent
+    sqlstate: str
+    message: str
 
 
 class EventStore:
@@ -131,6 +149,45 @@ class EventStore:
                 await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)
         self._known_orgs.update(new_orgs)
         return WriteResult(stored=stored, duplicates=total - stored)
+
+    async def write_isolating(
+        self, batch: Sequence[IncomingEvent]
+    ) -> tuple[WriteResult, list[RefusedEvent]]:
+        """Like `write_batch`, for a batch the database refused as a whole: store every event
+        it accepts, in ONE transaction, and return the ones it refuses (REFUSED_BY_DATABASE)
+        instead of failing with them. A refused chunk is halved under a savepoint until the
+        refused events stand alone, so a batch with k bad events costs O(k log n) statements.
+        Earlier events are written first, so the first copy of a duplicate is the one kept.
+        `duplicates` in the result excludes the refused events.
+        """
+        stored = 0
+        refused: list[RefusedEvent] = []
+        orgs: set[UUID] = set()
+        async with self._pool.acquire() as conn, conn.transaction():
+            pending: list[Sequence[IncomingEvent]] = [batch]
+            while pending:
+                chunk = pending.pop()
+                columns, chunk_orgs = _columns(chunk)
+                if not columns[0]:
+                    continue
+                try:
+                    async with conn.transaction():  # a savepoint
+                        stored += await conn.fetchval(STORE_NEW_EVENTS, *columns)
+                except REFUSED_BY_DATABASE as error:
+                    if len(chunk) == 1:
+                        refused.append(RefusedEvent(chunk[0], error.sqlstate, str(error)))
+                    else:
+                        middle = len(chunk) // 2
+                        pending += [chunk[middle:], chunk[:middle]]  # first half next
+                    continue
+                orgs |= chunk_orgs
+            if stored:
+                await conn.execute(RECORD_BATCH, stored)
+            new_orgs = sorted(orgs - self._known_orgs)
+            if new_orgs:
+                await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)
+        self._known_orgs.update(new_orgs)
+        return WriteResult(stored, len(batch) - stored - len(refused)), refused
 
 
 def _columns(chunk: Sequence[IncomingEvent]) -> tuple[tuple[list[object], ...], set[UUID]]:

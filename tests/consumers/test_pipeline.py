@@ -51,6 +51,8 @@ def invalid_messages(org: uuid.UUID) -> list[tuple[bytes, str]]:
         (body(type="user_active"), "user_required"),
         (body(type="api_calls"), "invalid_type"),
         (body(id="no spaces allowed"), "invalid_id"),
+        # valid JSON that PostgreSQL's jsonb cannot store: once, it failed its whole batch
+        (body(metadata={"note": "a\x00b"}), "invalid_metadata"),
     ]
 
 

@@ -116,6 +116,9 @@ def test_quantity_defaults_to_one() -> None:
         (json.dumps(event(occurred_at="2026-02-08T11:59:59Z")).encode(), "timestamp_too_old"),
         (json.dumps(event(type="user_active")).encode(), "user_required"),
         (json.dumps(event(metadata=[1])).encode(), "invalid_metadata"),
+        (json.dumps(event(metadata={"note": "a\x00b"})).encode(), "invalid_metadata"),
+        (json.dumps(event(metadata={"a\x00": 1})).encode(), "invalid_metadata"),
+        (json.dumps(event(metadata={"deep": [{"x": "\ud800"}]})).encode(), "invalid_metadata"),
         (json.dumps(event(metadata={"blob": "x" * MAX_EVENT_BYTES})).encode(), "too_large"),
     ],
 )
@@ -137,6 +140,20 @@ def test_offset_is_kept_and_compared_in_utc() -> None:
     assert parsed.occurred_at == datetime(2026, 3, 15, 11, tzinfo=UTC)
 
 
+def test_unstorable_metadata_says_what_is_wrong() -> None:
+    with pytest.raises(InvalidEvent) as nul:
+        parse(json.dumps(event(metadata={"k": "\x00"})).encode())
+    with pytest.raises(InvalidEvent) as surrogate:
+        parse(json.dumps(event(metadata={"k": ["\udfff"]})).encode())
+    assert "U+0000" in nul.value.reason
+    assert "surrogate" in surrogate.value.reason
+    # a surrogate pair is one ordinary character and passes
+    assert parse(
+        b'{"id":"a","type":"api_call","org_id":"%s","occurred_at":"2026-03-15T11:00:00Z",'
+        b'"metadata":{"k":"\\ud83d\\ude00"}}' % ORG.encode()
+    ).metadata == {"k": "\U0001f600"}
+
+
 def test_reason_names_the_field() -> None:
     with pytest.raises(InvalidEvent) as caught:
         parse(json.dumps(event(typo_field=1)).encode())
@@ -151,10 +168,16 @@ quantities = st.one_of(
 )
 offsets = st.integers(min_value=-12 * 60, max_value=14 * 60).map(lambda m: timedelta(minutes=m))
 moments = st.integers(min_value=0, max_value=34 * 86400).map(lambda s: NOW - timedelta(seconds=s))
+# Characters PostgreSQL can store: not U+0000 (hypothesis leaves out lone surrogates itself).
+storable_characters = st.characters(exclude_characters="\x00")
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(10**9), 10**9) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**9), 10**9)
+    | st.text(storable_characters, max_size=20),
     lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(storable_characters, max_size=8), inner, max_size=3)
     ),
     max_leaves=10,
 )
@@ -173,7 +196,14 @@ def valid_events(draw: st.DrawFn) -> UsageEvent:
         user_id=user,
         quantity=Decimal(draw(quantities)),
         occurred_at=moment.astimezone(tz),
-        metadata=draw(st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4)),
+        metadata=draw(
+            st.none()
+            | st.dictionaries(
+                st.text(storable_characters, max_size=8),
+                json_values,
+                max_size=4,
+            )
+        ),
     )
 
 

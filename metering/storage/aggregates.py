@@ -10,7 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
-from aggregator.limits import Crossing, LimitUsage
+from aggregator.limits import THRESHOLDS, Crossing, LimitUsage
 
 SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 LOCK_WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage' FOR UPDATE"
@@ -23,8 +23,8 @@ INSERT INTO aggregation_passes (from_xid, to_xid, events, finished_at)
 VALUES ($1, $2, $3, clock_timestamp())
 """
 # Usage of every limited feature in the months the new events touched, with the thresholds
-# already recorded for it (migration 008).
-TOUCHED_LIMITS = "SELECT * FROM touched_limit_usage($1, $2, $3)"
+# already recorded for it; limits with every threshold recorded are left out (migration 009).
+TOUCHED_LIMITS = "SELECT * FROM touched_limit_usage($1, $2, $3, $4)"
 RECORD_CROSSINGS = """
 INSERT INTO limit_notifications
     (id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
@@ -88,6 +88,7 @@ class AggregateStore:
                     applied["touched_orgs"],
                     applied["touched_types"],
                     applied["touched_months"],
+                    list(THRESHOLDS),
                 )
                 usages = [
                     LimitUsage(

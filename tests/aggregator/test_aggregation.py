@@ -355,7 +355,8 @@ async def test_limit_usage_of_a_pass_agrees_with_the_access_check(
     db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
 ) -> None:
     """touched_limit_usage (what the pass checks) gives the numbers usage_for_limit (what
-    the access check shows) gives, for every kind of meter, and lists recorded thresholds."""
+    the access check shows) gives, for every kind of meter, lists recorded thresholds, and
+    leaves out a limit whose every threshold is recorded."""
     await aggregator.run_once()
     org = uuid.uuid4()
     await subscribe(db, org, "pro", "UTC")  # limits high enough that nothing is crossed
@@ -379,7 +380,16 @@ async def test_limit_usage_of_a_pass_agrees_with_the_access_check(
         org,
         month,
     )
+    await db.execute(
+        "INSERT INTO limit_notifications (id, org_id, feature_key, period, period_start, "
+        "threshold_percent, used, limit_value, crossed_at, published_at) "
+        "SELECT gen_random_uuid(), $1, 'max_automations', 'month', $2, t, 1, 1, "
+        "now(), now() FROM unnest(ARRAY[80, 100]) AS t",
+        org,
+        month,
+    )
     touched = [
+        (org, "automation_run", month),  # every threshold recorded: nothing left to check
         (org, "api_call", month),
         (org, "api_call", last_month),
         (org, "record_created", month),
@@ -388,11 +398,13 @@ async def test_limit_usage_of_a_pass_agrees_with_the_access_check(
         (org, "user_active", month),
     ]
     rows = await db.fetch(
-        "SELECT * FROM touched_limit_usage($1, $2, $3)",
+        "SELECT * FROM touched_limit_usage($1, $2, $3, $4)",
         *([t[i] for t in touched] for i in range(3)),
+        [80, 100],
     )
     found = {(r["feature_key"], r["period_start"]): r for r in rows}
     assert len(rows) == len(found) == 5  # the lifetime limit is one row
+    assert ("max_automations", month) not in found  # 80 and 100 recorded: cannot notify again
     for (feature, start), row in found.items():
         expected = await db.fetchval(
             "SELECT usage_for_limit($1, $2, $3)", org, feature, start or month

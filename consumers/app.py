@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import date
 from typing import Any
@@ -35,11 +35,38 @@ WRITER_ROLE = "metering_writer"
 KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
 # After an unexpected error the batch is re-read; wait so a poison bug cannot spin the CPU.
 UNEXPECTED_ERROR_PAUSE_SECONDS = 2.0
+# How often a running consumer makes sure next months' partitions exist.
+PARTITION_CHECK_SECONDS = 3600.0
 
 
 def _month(day: date, months: int) -> date:
     index = day.year * 12 + day.month - 1 + months
     return date(index // 12, index % 12 + 1, 1)
+
+
+async def keep_partitions_ahead(
+    store: EventStore,
+    every_seconds: float = PARTITION_CHECK_SECONDS,
+    today: Callable[[], date] = date.today,
+) -> None:
+    """Every `every_seconds`, create the monthly partitions from two months back to two
+    months ahead, so a consumer that runs for months never writes into the default
+    partition (retention cannot drop its rows, and creating the month's partition later
+    has to move them all under lock). An error is logged and the next tick tries again:
+    nothing waits on this, and a missing partition loses nothing (the default takes the
+    rows). Runs until cancelled."""
+    while True:
+        await asyncio.sleep(every_seconds)
+        day = today()
+        try:
+            created = await store.ensure_partitions(_month(day, -2), _month(day, 2))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("could not create next months' partitions; will try again")
+            continue
+        if created:
+            log.info("created %d monthly partitions of usage_events ahead of time", created)
 
 
 async def _report_lag(consumer: Any, metrics: ConsumerMetrics) -> None:
@@ -124,9 +151,12 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
             settings.consumer_group,
             settings.database_name,
         )
+        partitions = asyncio.create_task(keep_partitions_ahead(store))
         try:
             yield
         finally:
+            partitions.cancel()
+            await asyncio.gather(partitions, return_exceptions=True)
             await dead_letters.stop()
             await pool.close()
             server.shutdown()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 
 from metering.config import Settings
+from metering.topics import DEAD_LETTER_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class DeadLetterPublisher:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
-            max_request_size=1024 * 1024,
+            # the original message plus its headers (see metering.topics.EVENT_MAX_BYTES)
+            max_request_size=DEAD_LETTER_MAX_BYTES,
             request_timeout_ms=10_000,
         )
 

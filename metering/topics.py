@@ -11,6 +11,12 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from metering.config import Settings
 
+# The largest message the events topic takes (its max.message.bytes, Kafka's default). Any
+# such message must fit in the dead-letter topic along with its reason headers, or its
+# dead letter could never be written: the DLQ takes twice as much.
+EVENT_MAX_BYTES = 1024 * 1024
+DEAD_LETTER_MAX_BYTES = 2 * EVENT_MAX_BYTES
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -31,9 +37,20 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(
             settings.events_topic,
             settings.events_partitions,
-            {"retention.ms": str(7 * 24 * 3600 * 1000), "min.insync.replicas": "1"},
+            {
+                "retention.ms": str(7 * 24 * 3600 * 1000),
+                "min.insync.replicas": "1",
+                "max.message.bytes": str(EVENT_MAX_BYTES),
+            },
         ),
-        TopicSpec(settings.dlq_topic, 3, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+        TopicSpec(
+            settings.dlq_topic,
+            3,
+            {
+                "retention.ms": str(30 * 24 * 3600 * 1000),
+                "max.message.bytes": str(DEAD_LETTER_MAX_BYTES),
+            },
+        ),
         TopicSpec(settings.limits_topic, 3, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
     ]
 

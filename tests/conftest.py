@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from metering.config import Settings
 from metering.devenv.services import DevServices
 from metering.storage.keys import KeyStore
-from metering.topics import TopicSpec, delete_topics, ensure_topics
+from metering.topics import TopicSpec, delete_topics, ensure_topics, topic_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "metering_test"
@@ -113,16 +113,12 @@ def settings(
             "retry_max_seconds": 1.0,
         }
     )
-    asyncio.run(
-        ensure_topics(
-            isolated,
-            [
-                TopicSpec(isolated.events_topic, 6, {}),
-                TopicSpec(isolated.dlq_topic, 1, {}),
-                TopicSpec(isolated.limits_topic, 1, {}),
-            ],
-        )
-    )
+    # the service's own topic settings, with fewer partitions where tests read them back
+    specs = [
+        TopicSpec(spec.name, partitions, spec.config)
+        for spec, partitions in zip(topic_specs(isolated), (6, 1, 1), strict=True)
+    ]
+    asyncio.run(ensure_topics(isolated, specs))
     session_topics += [isolated.events_topic, isolated.dlq_topic, isolated.limits_topic]
     return isolated
 

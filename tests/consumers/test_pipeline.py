@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from metering.config import Settings
+from metering.topics import EVENT_MAX_BYTES
 from tests.conftest import ConsumerProcess, async_wait_for, read_topic
 from tests.consumers.conftest import assert_exact, publish_stream, stored_count, stored_keys
 
@@ -153,3 +154,45 @@ async def test_non_utf8_header_does_not_block_the_partition(
 
     await async_wait_for(all_three, 30, "the three events around a non-UTF-8 header")
     assert "UnicodeDecodeError" not in consumer.log_text()
+
+
+async def test_a_message_as_large_as_the_topic_allows_is_dead_lettered_unchanged(
+    settings: Settings,
+    start_consumer: Callable[..., ConsumerProcess],
+    migrated_database: str,
+) -> None:
+    """The DLQ holds the original bytes plus reason headers: a message the events topic
+    accepted must fit there too, or its dead letter would be retried forever and block the
+    partition with every good event behind it."""
+    org = uuid.uuid4()
+    huge = b'{"pad":"' + b"x" * (EVENT_MAX_BYTES - 150) + b'"}'
+    after = json.dumps(
+        {
+            "id": "after-the-huge-one",
+            "type": "api_call",
+            "org_id": str(org),
+            "occurred_at": datetime.now(UTC).isoformat(),
+        }
+    ).encode()
+    kafka = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        max_request_size=2 * EVENT_MAX_BYTES,
+    )
+    await kafka.start()
+    try:
+        for value in (huge, after):  # same key: same partition, in this order
+            await kafka.send_and_wait(settings.events_topic, value, key=str(org).encode())
+    finally:
+        await kafka.stop()
+
+    consumer = start_consumer()
+
+    async def stored() -> bool:
+        return await stored_count(migrated_database, [org]) == 1
+
+    await async_wait_for(stored, 60, "the event after the huge message stored")
+    letters = await read_topic(settings, settings.dlq_topic, expected=1)
+    assert [letter.value for letter in letters] == [huge]
+    assert dict(letters[0].headers)["error.code"] == b"too_large"
+    assert consumer.process.poll() is None, consumer.log_text()

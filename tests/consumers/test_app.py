@@ -8,7 +8,7 @@ from datetime import date
 import asyncpg
 import pytest
 
-from consumers.app import keep_partitions_ahead
+from consumers.app import WRITER_ROLE, keep_partitions_ahead
 from metering.storage.events import EventStore
 from tests.conftest import async_wait_for
 
@@ -18,9 +18,14 @@ pytestmark = pytest.mark.services
 async def test_a_running_consumer_creates_next_months_partitions(
     migrated_database: str,
 ) -> None:
-    """Partitions are made ahead while the consumer runs, not only when it starts: here
-    'today' jumps to 2040, and 2040's partitions appear without a restart."""
-    pool = await asyncpg.create_pool(migrated_database, min_size=1, max_size=1)
+    """Partitions are made ahead while the consumer runs, not only when it starts, with the
+    consumer's least privileges: here 'today' jumps to 2040, and 2040's partitions appear
+    without a restart."""
+
+    async def as_the_writer(conn: asyncpg.Connection) -> None:
+        await conn.execute(f"SET ROLE {WRITER_ROLE}")  # the consumer's own privileges
+
+    pool = await asyncpg.create_pool(migrated_database, min_size=1, max_size=1, init=as_the_writer)
     assert pool is not None
     keeper = asyncio.create_task(
         keep_partitions_ahead(EventStore(pool), 0.05, lambda: date(2040, 6, 15))

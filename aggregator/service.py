@@ -25,9 +25,9 @@ from aggregator.limits import Crossing, LimitUsage, crossings
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics, observe_many
 from metering.models import utc_now
-from metering.retry import retry_until_done
+from metering.retry import retry_postgres, retry_until_done
 from metering.storage.aggregates import AggregateStore, PassResult
-from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
+from metering.storage.pool import create_pool
 
 T = TypeVar("T")
 log = logging.getLogger("metering.aggregator")
@@ -119,13 +119,8 @@ class Aggregator:
                 await asyncio.sleep(self._idle_interval)
 
     async def _retry_db(self, operation: Callable[[], Awaitable[T]]) -> T:
-        return await retry_until_done(
-            operation,
-            dependency="postgres",
-            transient=TRANSIENT_DB_ERRORS,
-            metrics=self._metrics.dependencies,
-            min_delay=self._settings.retry_min_seconds,
-            max_delay=self._settings.retry_max_seconds,
+        return await retry_postgres(
+            operation, settings=self._settings, metrics=self._metrics.dependencies
         )
 
 
@@ -140,13 +135,8 @@ async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResul
     if not once:
         server, thread = start_http_server(settings.metrics_port, registry=registry)
         log.info("metrics on :%d/metrics", settings.metrics_port)
-    pool = await retry_until_done(
-        lambda: create_pool(settings, max_size=2),
-        dependency="postgres",
-        transient=TRANSIENT_DB_ERRORS,
-        metrics=metrics.dependencies,
-        min_delay=settings.retry_min_seconds,
-        max_delay=settings.retry_max_seconds,
+    pool = await retry_postgres(
+        lambda: create_pool(settings, max_size=2), settings=settings, metrics=metrics.dependencies
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,

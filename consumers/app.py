@@ -25,9 +25,9 @@ from consumers.dead_letters import DeadLetterPublisher
 from consumers.writer import BatchWriter
 from metering.config import Settings
 from metering.metrics import ConsumerMetrics
-from metering.retry import retry_until_done
+from metering.retry import retry_postgres, retry_until_done
 from metering.storage.events import EventStore
-from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
+from metering.storage.pool import create_pool
 
 log = logging.getLogger("metering.consumer")
 # Least privilege: the writer may insert events and first subscriptions, nothing else.
@@ -122,13 +122,10 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         server, thread = start_http_server(settings.metrics_port, registry=registry)
         log.info("metrics on :%d/metrics", settings.metrics_port)
         dependencies = metrics.dependencies
-        pool = await retry_until_done(
+        pool = await retry_postgres(
             lambda: create_pool(settings, max_size=4, role=WRITER_ROLE),
-            dependency="postgres",
-            transient=TRANSIENT_DB_ERRORS,
+            settings=settings,
             metrics=dependencies,
-            min_delay=settings.retry_min_seconds,
-            max_delay=settings.retry_max_seconds,
         )
         store = EventStore(pool)
         today = date.today()

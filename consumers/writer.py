@@ -29,9 +29,8 @@ from metering.config import Settings
 from metering.errors import InvalidEvent
 from metering.metrics import ConsumerMetrics
 from metering.models import parse_event, utc_now
-from metering.retry import retry_until_done
+from metering.retry import retry_postgres, retry_until_done
 from metering.storage.events import REFUSED_BY_DATABASE, EventStore, IncomingEvent, WriteResult
-from metering.storage.pool import TRANSIENT_DB_ERRORS
 
 T = TypeVar("T")
 log = logging.getLogger("metering.consumer")
@@ -198,11 +197,6 @@ class BatchWriter:
         return result, invalid
 
     async def _retry_db(self, operation: Callable[[], Awaitable[T]]) -> T:
-        return await retry_until_done(
-            operation,
-            dependency="postgres",
-            transient=TRANSIENT_DB_ERRORS,
-            metrics=self._metrics.dependencies,
-            min_delay=self._settings.retry_min_seconds,
-            max_delay=self._settings.retry_max_seconds,
+        return await retry_postgres(
+            operation, settings=self._settings, metrics=self._metrics.dependencies
         )

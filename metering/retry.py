@@ -7,8 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from metering.config import Settings
 from metering.errors import DependencyUnavailable
 from metering.metrics import DependencyMetrics
+from metering.storage.pool import TRANSIENT_DB_ERRORS
 
 T = TypeVar("T")
 log = logging.getLogger("metering.retry")
@@ -49,3 +51,18 @@ async def retry_until_done(
             log.warning("%s is back after %d retries; resuming", dependency, attempt)
         metrics.up.labels(dependency).set(1)
         return result
+
+
+async def retry_postgres(
+    operation: Callable[[], Awaitable[T]], *, settings: Settings, metrics: DependencyMetrics
+) -> T:
+    """`retry_until_done` for work on PostgreSQL: retried on TRANSIENT_DB_ERRORS, with the
+    back-off of `settings`; any other error propagates at once."""
+    return await retry_until_done(
+        operation,
+        dependency="postgres",
+        transient=TRANSIENT_DB_ERRORS,
+        metrics=metrics,
+        min_delay=settings.retry_min_seconds,
+        max_delay=settings.retry_max_seconds,
+    )

@@ -142,12 +142,8 @@ class EventStore:
                     pending.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await pending
-            if stored:
-                await conn.execute(RECORD_BATCH, stored)
-            new_orgs = sorted(orgs - self._known_orgs)
-            if new_orgs:
-                await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)
-        self._known_orgs.update(new_orgs)
+            new_orgs = await self._record(conn, stored, orgs)
+        self._known_orgs.update(new_orgs)  # only once their subscriptions are committed
         return WriteResult(stored=stored, duplicates=total - stored)
 
     async def write_isolating(
@@ -181,13 +177,23 @@ class EventStore:
                         pending += [chunk[middle:], chunk[:middle]]  # first half next
                     continue
                 orgs |= chunk_orgs
-            if stored:
-                await conn.execute(RECORD_BATCH, stored)
-            new_orgs = sorted(orgs - self._known_orgs)
-            if new_orgs:
-                await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)
+            new_orgs = await self._record(conn, stored, orgs)
         self._known_orgs.update(new_orgs)
         return WriteResult(stored, len(batch) - stored - len(refused)), refused
+
+    async def _record(
+        self, conn: asyncpg.pool.PoolConnectionProxy, stored: int, orgs: set[UUID]
+    ) -> list[UUID]:
+        """In the writing transaction: its ingest_batches row, and the free plan for the
+        organizations not known to have a subscription. Returns those organizations; the
+        caller remembers them only after the transaction commits (a rollback undoes their
+        subscriptions)."""
+        if stored:
+            await conn.execute(RECORD_BATCH, stored)
+        new_orgs = sorted(orgs - self._known_orgs)
+        if new_orgs:
+            await conn.execute(ENSURE_SUBSCRIPTIONS, new_orgs)
+        return new_orgs
 
 
 def _columns(chunk: Sequence[IncomingEvent]) -> tuple[tuple[list[object], ...], set[UUID]]:

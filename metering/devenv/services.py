@@ -192,7 +192,7 @@ class DevServices:
         (self.kafka_dir / "log4j2.yaml").write_text(LOG4J2_CONFIG)
         if not (self.kafka_dir / "data" / "meta.properties").exists():
             cluster_id = self.kafka_dir / "cluster.id"
-            if not cluster_id.exists():
+            if not cluster_id.exists() or cluster_id.read_text().startswith("-"):
                 cluster_id.write_text(_kafka_cluster_id())
             _log("formatting Kafka storage (KRaft, standalone controller)")
             result = subprocess.run(
@@ -485,6 +485,12 @@ class DevServices:
 
 
 def _kafka_cluster_id() -> str:
+    """A random KRaft cluster id (22 characters of URL-safe base64), never starting with
+    '-': the storage tool would read such an id as an option and refuse to format (1 run
+    in 64 did, until this). Kafka's own Uuid.randomUuid avoids it the same way."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

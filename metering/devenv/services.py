@@ -27,6 +27,11 @@ import psutil
 from metering.config import Settings
 from metering.errors import DevEnvironmentError
 
+# Resolving the jars downloads from Maven Central: a network hiccup should cost a retry, not
+# a failed `dev up` (and with it a failed CI run).
+MAVEN_ATTEMPTS = 3
+MAVEN_RETRY_SECONDS = 5.0
+
 KAFKA_MAIN = "kafka.Kafka"
 STORAGE_TOOL = "kafka.tools.StorageTool"
 POSTGRES_MIN_MAJOR = 15
@@ -123,22 +128,31 @@ class DevServices:
         pom = resources.files("metering.devenv") / "kafka-pom.xml"
         with resources.as_file(pom) as pom_path:
             _log(f"resolving Kafka jars from Maven Central into {jars} (once)")
-            result = subprocess.run(
-                [
-                    "mvn",
-                    "-q",
-                    "-B",
-                    "-f",
-                    str(pom_path),
-                    "dependency:copy-dependencies",
-                    f"-DoutputDirectory={jars}",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-        if result.returncode != 0:
-            raise DevEnvironmentError(f"mvn could not resolve Kafka:\n{result.stdout[-2000:]}")
+            for attempt in range(1, MAVEN_ATTEMPTS + 1):
+                result = subprocess.run(
+                    [
+                        "mvn",
+                        "-q",
+                        "-B",
+                        "-f",
+                        str(pom_path),
+                        "dependency:copy-dependencies",
+                        f"-DoutputDirectory={jars}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if result.returncode == 0:
+                    break
+                if attempt == MAVEN_ATTEMPTS:
+                    raise DevEnvironmentError(
+                        f"mvn could not resolve Kafka ({MAVEN_ATTEMPTS} attempts; is Maven "
+                        f"Central reachable?):\n{result.stdout[-2000:]}"
+                    )
+                delay = MAVEN_RETRY_SECONDS * attempt
+                _log(f"mvn failed (attempt {attempt} of {MAVEN_ATTEMPTS}); again in {delay:.0f}s")
+                time.sleep(delay)
         marker.touch()
         return jars
 

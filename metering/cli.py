@@ -17,7 +17,7 @@ import click
 from pydantic import ValidationError
 
 from metering.config import Settings, load_settings
-from metering.errors import MeteringError
+from metering.errors import MeteringError, RetentionTooShort
 
 T = TypeVar("T")
 
@@ -540,24 +540,40 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
 
 # ------------------------------------------------------------ retention
 @cli.command()
-@click.option("--keep", required=True, help="How much raw history to keep: 13mo, 400d ...")
+@click.option(
+    "--keep",
+    required=True,
+    help="How much raw history to keep: 13mo, 400d ... (more than the lateness window, "
+    "METERING_LATENESS_WINDOW, so late duplicates are still recognised)",
+)
 @click.option("--dry-run", is_flag=True, help="Only print what would be dropped.")
 @click.pass_context
 def retention(ctx: click.Context, keep: str, dry_run: bool) -> None:
     """Drop monthly partitions of usage_events older than --keep (aggregates are kept).
 
-    The month containing the horizon is kept whole. Dedupe keys of dropped events go too.
+    The month containing the horizon is kept whole. Dedupe keys of dropped events go too,
+    so a horizon inside the lateness window is refused: a late copy of a dropped event
+    would be accepted and counted again.
     Afterwards `reaggregate` refuses windows before the horizon.
     """
     from metering.storage.retention import apply_retention
 
     settings = _settings(ctx)
-    keep_from = _keep_from(keep, datetime.now(UTC))
+    now = datetime.now(UTC)
+    keep_from = _keep_from(keep, now)
 
     async def main() -> list[Any]:
-        return await _with_pool(settings, lambda pool: apply_retention(pool, keep_from, dry_run))
+        return await _with_pool(
+            settings,
+            lambda pool: apply_retention(
+                pool, keep_from, dry_run, now=now, lateness_window=settings.lateness_window
+            ),
+        )
 
-    dropped = _run(main())
+    try:
+        dropped = _run(main())
+    except RetentionTooShort as error:
+        raise click.BadParameter(error.reason, param_hint="--keep") from None
     verb = "would drop" if dry_run else "dropped"
     for row in dropped:
         click.echo(

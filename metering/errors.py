@@ -31,6 +31,18 @@ class DependencyUnavailable(MeteringError):
         self.retry_after = retry_after
 
 
+class RetentionTooShort(MeteringError):
+    """A retention horizon inside the lateness window: dropping those events' dedupe keys
+    would let a re-sent copy, still accepted as on time, be stored and counted again.
+    Keep at least `earliest_allowed` worth of raw events (choose an older horizon)."""
+
+    def __init__(self, keep_from: object, earliest_allowed: object, reason: str) -> None:
+        super().__init__(reason)
+        self.keep_from = keep_from
+        self.earliest_allowed = earliest_allowed
+        self.reason = reason
+
+
 class DevEnvironmentError(MeteringError):
     """The local Kafka or Postgres could not be set up; `reason` says what to fix."""
 

@@ -18,20 +18,18 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aggregator.limits import Crossing, LimitUsage, crossings
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics, observe_many
 from metering.models import utc_now
-from metering.retry import retry_postgres, retry_until_done
+from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_postgres, retry_until_done
 from metering.storage.aggregates import AggregateStore, PassResult
 from metering.storage.pool import create_pool
 
 T = TypeVar("T")
 log = logging.getLogger("metering.aggregator")
-KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
 
 
 def decide_crossings(usages: list[LimitUsage]) -> list[Crossing]:

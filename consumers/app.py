@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from datetime import date
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
@@ -25,14 +24,13 @@ from consumers.dead_letters import DeadLetterPublisher
 from consumers.writer import BatchWriter
 from metering.config import Settings
 from metering.metrics import ConsumerMetrics
-from metering.retry import retry_postgres, retry_until_done
+from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_postgres, retry_until_done
 from metering.storage.events import EventStore
 from metering.storage.pool import create_pool
 
 log = logging.getLogger("metering.consumer")
 # Least privilege: the writer may insert events and first subscriptions, nothing else.
 WRITER_ROLE = "metering_writer"
-KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
 # After an unexpected error the batch is re-read; wait so a poison bug cannot spin the CPU.
 UNEXPECTED_ERROR_PAUSE_SECONDS = 2.0
 # How often a running consumer makes sure next months' partitions exist.

@@ -143,8 +143,8 @@ class UsageEvent(BaseModel):
         return uuid_text(self.org_id).encode()
 
 
-# A lone surrogate: a JSON \\udXXX escape without its pair. UTF-8 (and so jsonb) cannot encode it.
-_SURROGATE = re.compile("[\\ud800-\\udfff]")
+# A lone surrogate: a JSON \udXXX escape without its pair. UTF-8 (and so jsonb) cannot encode it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _unstorable_text(value: object) -> str | None:

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aiokafka.errors import KafkaError
+
 from metering.config import Settings
 from metering.errors import DependencyUnavailable
 from metering.metrics import DependencyMetrics
@@ -14,6 +16,8 @@ from metering.storage.pool import TRANSIENT_DB_ERRORS
 
 T = TypeVar("T")
 log = logging.getLogger("metering.retry")
+# What a Kafka client raises while the broker is down or unreachable.
+KAFKA_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, TimeoutError)
 
 
 async def retry_until_done(

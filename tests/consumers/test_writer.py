@@ -13,12 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers import writer
-from consumers.app import KAFKA_TRANSIENT_ERRORS
 from consumers.dead_letters import DeadLetterPublisher
 from consumers.writer import BatchWriter
 from metering.config import Settings
 from metering.metrics import ConsumerMetrics
 from metering.models import UsageEvent
+from metering.retry import KAFKA_TRANSIENT_ERRORS
 from tests.conftest import read_topic
 
 pytestmark = pytest.mark.services

@@ -171,11 +171,13 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
 
     first_day = (now - timedelta(days=40)).date()
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
-    await db.execute(
-        "UPDATE usage_aggregations SET value = value + 1 WHERE org_id = $1 AND event_type = "
-        "'api_call' AND period = 'month'",
+    # The events span 150 hours, so one or two calendar months: every month row is tampered.
+    tampered = await db.fetchval(
+        "WITH t AS (UPDATE usage_aggregations SET value = value + 1 WHERE org_id = $1 AND "
+        "event_type = 'api_call' AND period = 'month' RETURNING 1) SELECT count(*) FROM t",
         org,
     )
+    assert tampered >= 1
     result = subprocess.run(
         [sys.executable, "-m", "metering", "reconcile", "--from", first_day.isoformat()],
         env=settings_env(settings),
@@ -186,7 +188,8 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert str(org) in result.stdout and "api_call" in result.stdout
-    assert "1 aggregates differ" in result.stderr
+    assert f"{tampered} aggregates differ" in result.stderr
+    assert result.stdout.count(str(org)) == tampered
     await aggregate_store.reaggregate("month", start, end, org)
     assert await aggregates(db, org) == expected
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []

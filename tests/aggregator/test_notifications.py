@@ -66,11 +66,9 @@ async def test_crossings_once_across_restart_and_reaggregation(
     )
     await aggregate_store.reaggregate("day", now - timedelta(days=1), now + timedelta(days=1), org)
     await aggregator.run_once()
-    # a late event pushes last month over 80%: notifies for last month
-    late = max(
-        now - timedelta(days=30),
-        datetime.combine(last_month, datetime.min.time(), UTC) + timedelta(days=2),
-    )
+    # a late event pushes last month over 80%: notifies for last month. Noon of last month's
+    # last day is in last month on every date (now - 30 days is not, on the 31st).
+    late = datetime.combine(month_start, datetime.min.time(), UTC) - timedelta(hours=12)
     await events.add("api_call", late.isoformat(), 900)
     await aggregator.run_once()
     await producer.stop()

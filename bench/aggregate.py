@@ -48,7 +48,10 @@ SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g % 1000), 12, '0'))::uuid,
        now() - ((g * 104729) % $4::bigint) * interval '1 second'
 FROM generate_series($1::bigint, $2::bigint) AS g
 """
-TUNED = "SET LOCAL work_mem = '64MB'; SET LOCAL jit = off"
+TUNED = (
+    "SET LOCAL work_mem = '64MB'; SET LOCAL jit = off; SET LOCAL enable_nestloop = off; "
+    "SET LOCAL enable_sort = off"
+)
 PLAIN_GROUP_BY = """
 CREATE TEMP TABLE plain_result AS
 SELECT org_id, event_type, date_trunc('{period}', occurred_at) AS period_start,

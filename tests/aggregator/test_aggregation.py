@@ -3,6 +3,7 @@ a killed pass, reconcile, the access check and plan changes."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import uuid
@@ -193,6 +194,41 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     await aggregate_store.reaggregate("month", start, end, org)
     assert await aggregates(db, org) == expected
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
+
+
+async def test_concurrent_recomputes_each_get_their_own_period_bounds(
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    aggregator: Aggregator,
+) -> None:
+    """aggregate_usage keeps its period bounds in one shared table (aggregation_windows,
+    migration 010): two recomputes started together, for organizations in different time
+    zones, must each use their own bounds and both put every number right."""
+    tokyo, new_york = uuid.uuid4(), uuid.uuid4()
+    await subscribe(db, tokyo, "pro", "Asia/Tokyo")
+    await subscribe(db, new_york, "pro", NEW_YORK)
+    now = datetime.now(UTC)
+    for org in (tokyo, new_york):
+        events = Events(event_store, org)
+        for n in range(8):
+            await events.add("api_call", (now - timedelta(hours=7 * n)).isoformat(), n + 1)
+    await aggregator.run_once()
+    expected = {org: await aggregates(db, org) for org in (tokyo, new_york)}
+    await db.execute(
+        "UPDATE usage_aggregations SET value = value + 100 WHERE org_id = ANY($1::uuid[])",
+        [tokyo, new_york],
+    )
+    start, end = now - timedelta(days=4), now + timedelta(days=1)
+    await asyncio.gather(
+        *(
+            aggregate_store.reaggregate(period, start, end, org)
+            for org in (tokyo, new_york)
+            for period in ("day", "month")
+        )
+    )
+    assert {org: await aggregates(db, org) for org in (tokyo, new_york)} == expected
+    assert await db.fetchval("SELECT count(*) FROM aggregation_windows") == 0
 
 
 async def test_reaggregate_writes_only_what_differs(

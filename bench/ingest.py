@@ -77,6 +77,16 @@ WHERE indrelid = 'copybench.usage_events'::regclass
 """
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU seconds (user + system) `process` has used so far."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    return cpu_seconds(psutil.Process(pid))
+
+
 def cpu_seconds_by_role(consumer_pids: list[int]) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the consumers, by every PostgreSQL process
     (backends, WAL writer, checkpointer, autovacuum) and by the Kafka broker."""
@@ -91,16 +101,10 @@ def cpu_seconds_by_role(consumer_pids: list[int]) -> dict[str, float]:
                 role = "kafka"
             else:
                 continue
-            times = process.cpu_times()
-            totals[role] += times.user + times.system
+            totals[role] += cpu_seconds(process)
         except psutil.Error:
             continue  # a process that ended in between
     return totals
-
-
-def process_cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
 
 
 def validation_cpu_us(values: list[bytes], settings: Settings) -> float:

@@ -12,27 +12,37 @@ import asyncpg
 
 from aggregator.limits import THRESHOLDS, Crossing, LimitUsage
 
-SNAPSHOT_XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-LOCK_WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage' FOR UPDATE"
-AGGREGATE_NEW_EVENTS = "SELECT * FROM aggregate_new_events($1, $2)"
-MOVE_WATERMARK = (
-    "UPDATE aggregator_state SET watermark_xid = $1, updated_at = now() WHERE name = 'usage'"
-)
-RECORD_PASS = """
-INSERT INTO aggregation_passes (from_xid, to_xid, events, finished_at)
-VALUES ($1, $2, $3, clock_timestamp())
+# The snapshot's xmin is the pass's upper bound: every transaction below it has finished,
+# so no event below it can still appear. Taken in the transaction's first statement, with
+# the aggregator's lock (one pass or recompute at a time).
+SNAPSHOT_AND_LOCK = """
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS upper, watermark_xid AS lower
+FROM aggregator_state WHERE name = 'usage' FOR UPDATE
 """
-# Usage of every limited feature in the months the new events touched, with the thresholds
-# already recorded for it; limits with every threshold recorded are left out (migration 009).
-TOUCHED_LIMITS = "SELECT * FROM touched_limit_usage($1, $2, $3, $4)"
-RECORD_CROSSINGS = """
-INSERT INTO limit_notifications
-    (id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
-     crossed_at)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::date[], $6::int[],
-                     $7::numeric[], $8::bigint[], $9::timestamptz[])
-ON CONFLICT (id) DO NOTHING
-RETURNING id
+# Aggregates the new events and returns the usage of every limited feature in the months
+# they touched, with the thresholds already recorded (a bit mask over $3); limits with
+# every threshold recorded are left out (migrations 009 and 011).
+AGGREGATION_PASS = "SELECT * FROM aggregation_pass($1, $2, $3)"
+# The end of a pass, in one statement: record the crossings (ids are deterministic, so a
+# crossing recorded before is not recorded again and not returned), move the watermark and
+# record the pass.
+FINISH_PASS = """
+WITH recorded AS (
+    INSERT INTO limit_notifications
+        (id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
+         crossed_at)
+    SELECT * FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::date[],
+                         $9::int[], $10::numeric[], $11::bigint[], $12::timestamptz[])
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), moved AS (
+    UPDATE aggregator_state SET watermark_xid = $2::bigint, updated_at = now()
+    WHERE name = 'usage'
+), passed AS (
+    INSERT INTO aggregation_passes (from_xid, to_xid, events, finished_at)
+    SELECT $1::bigint, $2::bigint, $3::bigint, clock_timestamp() WHERE $3::bigint > 0
+)
+SELECT id FROM recorded
 """
 UNPUBLISHED = """
 SELECT id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
@@ -71,49 +81,39 @@ class AggregateStore:
         stays and the next pass does the same work: no event is ever counted twice.
         """
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            upper: int = await conn.fetchval(SNAPSHOT_XMIN)
-            lower: int = await conn.fetchval(LOCK_WATERMARK)
+            bounds = await conn.fetchrow(SNAPSHOT_AND_LOCK)
+            assert bounds is not None  # migration 003 inserts the 'usage' row
+            lower: int = bounds["lower"]
+            upper: int = bounds["upper"]
             if upper <= lower:
                 return PassResult(lower, lower, 0, [], [])
-            applied = await conn.fetchrow(AGGREGATE_NEW_EVENTS, lower, upper)
+            applied = await conn.fetchrow(AGGREGATION_PASS, lower, upper, list(THRESHOLDS))
             assert applied is not None  # a function with OUT parameters returns one row
             events: int = applied["events"]
             measured_at: datetime = applied["measured_at"]
             stored = zip(applied["received_at"], applied["received_events"], strict=True)
             ages = [((measured_at - at).total_seconds(), count) for at, count in stored]
-            crossed: list[Crossing] = []
-            if events:
-                rows = await conn.fetch(
-                    TOUCHED_LIMITS,
-                    applied["touched_orgs"],
-                    applied["touched_types"],
-                    applied["touched_months"],
-                    list(THRESHOLDS),
+            usages = [
+                LimitUsage(org, feature, period, start, Decimal(used), limit, notified_set(mask))
+                for org, feature, period, start, used, limit, mask in zip(
+                    applied["limit_orgs"],
+                    applied["limit_features"],
+                    applied["limit_periods"],
+                    applied["limit_starts"],
+                    applied["limit_used"],
+                    applied["limit_values"],
+                    applied["limit_notified"],
+                    strict=True,
                 )
-                usages = [
-                    LimitUsage(
-                        r["org_id"],
-                        r["feature_key"],
-                        r["period"],
-                        r["period_start"],
-                        Decimal(r["used"]),
-                        r["limit_value"],
-                        frozenset(r["notified"]),
-                    )
-                    for r in rows
-                ]
-                candidates: list[Crossing] = decide(usages)
-                if candidates:
-                    new_ids = {
-                        row["id"]
-                        for row in await conn.fetch(
-                            RECORD_CROSSINGS, *_crossing_columns(candidates)
-                        )
-                    }
-                    crossed = [c for c in candidates if c.id in new_ids]
-            await conn.execute(MOVE_WATERMARK, upper)
-            if events:
-                await conn.execute(RECORD_PASS, lower, upper, events)
+            ]
+            candidates: list[Crossing] = decide(usages) if usages else []
+            new_ids = {
+                row["id"]
+                for row in await conn.fetch(
+                    FINISH_PASS, lower, upper, events, *_crossing_columns(candidates)
+                )
+            }
+            crossed = [c for c in candidates if c.id in new_ids]
             return PassResult(lower, upper, events, ages, crossed)
 
     async def unpublished(self, limit: int = 500) -> list[Crossing]:
@@ -167,6 +167,12 @@ class AggregateStore:
         periods starting in [start, end). Empty means every number adds up."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             return list(await conn.fetch(RECONCILE, start, end))
+
+
+def notified_set(mask: int, thresholds: tuple[int, ...] = THRESHOLDS) -> frozenset[int]:
+    """The thresholds a bit mask from aggregation_pass marks as recorded: bit i stands for
+    thresholds[i], the order in which the pass was given them."""
+    return frozenset(t for i, t in enumerate(thresholds) if mask >> i & 1)
 
 
 def _crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:

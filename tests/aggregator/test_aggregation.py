@@ -14,10 +14,11 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from aggregator.limits import Crossing, LimitUsage
 from aggregator.service import Aggregator
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics
-from metering.storage.aggregates import AggregateStore
+from metering.storage.aggregates import AggregateStore, notified_set
 from metering.storage.events import EventStore
 from tests.aggregator.conftest import Events, aggregates, subscribe
 from tests.conftest import ROOT, settings_env
@@ -455,3 +456,65 @@ async def test_limit_usage_of_a_pass_agrees_with_the_access_check(
     assert found[("max_records", None)]["used"] == 70
     assert found[("max_storage_gb", month)]["used"] == Decimal("2.5")
     assert found[("max_mau", month)]["used"] == 1
+
+
+async def test_pass_gives_decide_the_usage_and_the_recorded_thresholds(
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregator: Aggregator,
+    aggregate_store: AggregateStore,
+) -> None:
+    """What run_pass hands to `decide`: each touched limit that can still notify, its usage
+    as the access check computes it, and the thresholds recorded for that period, month
+    and lifetime alike (aggregation_pass returns them as a bit mask)."""
+    await aggregator.run_once()
+    org = uuid.uuid4()
+    await subscribe(db, org, "pro", "UTC")
+    events = Events(event_store, org)
+    now = datetime.now(UTC)
+    month = now.date().replace(day=1)
+    last_month = (month - timedelta(days=1)).replace(day=1)
+    record = (
+        "INSERT INTO limit_notifications (id, org_id, feature_key, period, period_start, "
+        "threshold_percent, used, limit_value, crossed_at, published_at) "
+        "VALUES (gen_random_uuid(), $1, $2, $3, $4, $5, 1, 1, now(), now())"
+    )
+    await db.execute(record, org, "max_api_calls_per_month", "month", month, 100)
+    await db.execute(record, org, "max_api_calls_per_month", "month", last_month, 80)
+    await db.execute(record, org, "max_records", "lifetime", None, 80)
+    for threshold in (80, 100):
+        await db.execute(record, org, "max_automations", "month", month, threshold)
+    await events.add("api_call", now.isoformat(), 7)
+    await events.add("record_created", now.isoformat(), 3)
+    await events.add("automation_run", now.isoformat(), 1)
+    seen: list[LimitUsage] = []
+
+    def capture(usages: list[LimitUsage]) -> list[Crossing]:
+        seen.extend(u for u in usages if u.org_id == org)
+        return []
+
+    result = await aggregate_store.run_pass(capture)
+    assert result.events >= 3
+    found = {(u.feature_key, u.period, u.period_start): u for u in seen}
+    assert set(found) == {
+        ("max_api_calls_per_month", "month", month),
+        ("max_records", "lifetime", None),
+    }  # max_automations: 80 and 100 recorded, nothing left to notify
+    api_calls = found[("max_api_calls_per_month", "month", month)]
+    assert api_calls.used == 7
+    assert api_calls.notified == frozenset({100})  # last month's 80 is another period
+    records = found[("max_records", "lifetime", None)]
+    assert records.used == 3
+    assert records.notified == frozenset({80})
+    assert api_calls.limit == await db.fetchval(
+        "SELECT limit_value FROM plan_features WHERE plan = 'pro' "
+        "AND feature_key = 'max_api_calls_per_month'"
+    )
+
+
+def test_notified_mask_decodes_in_the_order_of_the_thresholds() -> None:
+    assert notified_set(0) == frozenset()
+    assert notified_set(0b01) == frozenset({80})
+    assert notified_set(0b10) == frozenset({100})
+    assert notified_set(0b11) == frozenset({80, 100})
+    assert notified_set(0b101, (50, 80, 100)) == frozenset({50, 100})

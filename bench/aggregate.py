@@ -72,6 +72,24 @@ GROUP BY GROUPING SETS ((1, 2, 3), (1, 2, 4))
 """
 
 
+async def prepare_orgs(conn: asyncpg.Connection, months: int) -> None:
+    """Partitions for the last `months` months and the ORGS organizations GENERATE uses,
+    on all four plans and in the five ZONES."""
+    await conn.execute(
+        "SELECT ensure_usage_event_partitions((now() - $1 * interval '1 month')::date, "
+        "now()::date)",
+        months,
+    )
+    await conn.execute(
+        "INSERT INTO org_subscriptions (org_id, plan, timezone) "
+        "SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, "
+        "(ARRAY['free','pro','business','enterprise'])[1 + g % 4], ($2::text[])[1 + g % 5] "
+        "FROM generate_series(0, $1 - 1) g",
+        ORGS,
+        ZONES,
+    )
+
+
 async def timed(conn: asyncpg.Connection, sql: str, *args: object) -> float:
     started = time.perf_counter()
     await conn.execute(sql, *args)
@@ -83,16 +101,7 @@ async def main(events: int, increment: int, rounds: int) -> None:
     dsn = settings.database_url.get_secret_value()
     print(f"machine: {machine()}", flush=True)
     conn = await asyncpg.connect(dsn, command_timeout=3600)
-    await conn.execute(
-        "SELECT ensure_usage_event_partitions((now() - interval '3 months')::date, now()::date)"
-    )
-    await conn.execute(
-        "INSERT INTO org_subscriptions (org_id, plan, timezone) "
-        "SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, "
-        "(ARRAY['free','pro','business','enterprise'])[1 + g % 4], ($1::text[])[1 + g % 5] "
-        "FROM generate_series(0, 999) g",
-        ZONES,
-    )
+    await prepare_orgs(conn, months=3)
     started = time.perf_counter()
     step = 1_000_000
     for first in range(0, events, step):

@@ -23,7 +23,7 @@ import asyncpg
 
 from aggregator.limits import THRESHOLDS
 from aggregator.service import decide_crossings
-from bench.aggregate import GENERATE, ORGS, ZONES
+from bench.aggregate import GENERATE, ORGS, prepare_orgs
 from bench.common import fresh_environment, machine
 from metering.storage.aggregates import AggregateStore
 
@@ -63,17 +63,7 @@ async def main(months: int, rounds: int) -> None:
     dsn = settings.database_url.get_secret_value()
     print(f"machine: {machine()}", flush=True)
     conn = await asyncpg.connect(dsn, command_timeout=600)
-    await conn.execute(
-        "SELECT ensure_usage_event_partitions((now() - interval '2 months')::date, now()::date)"
-    )
-    await conn.execute(
-        "INSERT INTO org_subscriptions (org_id, plan, timezone) "
-        "SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(g), 12, '0'))::uuid, "
-        "(ARRAY['free','pro','business','enterprise'])[1 + g % 4], ($2::text[])[1 + g % 5] "
-        "FROM generate_series(0, $1 - 1) g",
-        ORGS,
-        ZONES,
-    )
+    await prepare_orgs(conn, months=2)
     # 200 events per org over the last day (the organizations of bench.aggregate's GENERATE)
     await conn.execute(GENERATE, 0, 200 * ORGS - 1, "history", 86400)
     await conn.execute("ANALYZE")

@@ -106,7 +106,7 @@ class AggregateStore:
                     strict=True,
                 )
             ]
-            candidates: list[Crossing] = decide(usages) if usages else []
+            candidates: list[Crossing] = decide(usages)
             new_ids = {
                 row["id"]
                 for row in await conn.fetch(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -155,8 +156,6 @@ class AggregateStore:
         self, org_id: UUID, feature_key: str, requested: Decimal, user_id: UUID | None = None
     ) -> dict[str, Any]:
         """`check_feature_access`; raises asyncpg.NoDataFoundError for an unknown feature."""
-        import json
-
         async with self._pool.acquire() as conn:
             raw = await conn.fetchval(CHECK_ACCESS, user_id, feature_key, org_id, requested)
         result: dict[str, Any] = json.loads(raw)

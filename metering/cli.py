@@ -9,7 +9,7 @@ import random
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ from metering.config import Settings, load_settings
 from metering.errors import MeteringError, RetentionTooShort
 
 T = TypeVar("T")
+W = TypeVar("W", date, datetime)  # bounds of month_windows: dates or datetimes
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -332,12 +333,12 @@ def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, pe
         raise click.BadParameter("--to must be after --from", param_hint="--to")
     org = _parse_org(org_id) if org_id else None
     periods = ["day", "month"] if period == "both" else [period]
-    windows = _month_windows(first, last)
+    windows = month_windows(first, last)
 
     async def main() -> int:
         from metering.storage.retention import raw_events_from
 
-        pool = await create_pool(settings)
+        pool = await create_pool(settings, command_timeout=None)  # a month can take minutes
         store = AggregateStore(pool)
         written = 0
         try:
@@ -361,15 +362,18 @@ def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, pe
     click.echo(f"recomputed {written} aggregate rows for {first.isoformat()} .. {last.isoformat()}")
 
 
-def _month_windows(first: datetime, last: datetime) -> list[tuple[datetime, datetime]]:
-    windows = []
+def month_windows(first: W, last: W) -> list[tuple[W, W]]:
+    """[first, last) cut at each calendar month's start: the unit of work (and of progress)
+    of `reaggregate` and `reconcile`. Dates or datetimes; a datetime keeps its zone."""
+    windows: list[tuple[W, W]] = []
     cursor = first
     while cursor < last:
-        next_month = (
-            cursor.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)
-        ).replace(day=1)
-        windows.append((cursor, min(next_month, last)))
-        cursor = min(next_month, last)
+        month_start = cursor.replace(day=1)
+        if isinstance(month_start, datetime):
+            month_start = month_start.replace(hour=0, minute=0, second=0, microsecond=0)
+        following = (month_start + timedelta(days=32)).replace(day=1)
+        windows.append((cursor, min(following, last)))
+        cursor = min(following, last)
     return windows
 
 
@@ -380,18 +384,36 @@ def _month_windows(first: datetime, last: datetime) -> list[tuple[datetime, date
 def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
     """Recompute aggregates from usage_events independently and compare with the stored ones.
 
+    Works month by month (progress bar on stderr), each month in one consistent snapshot.
     Exits 0 when every number adds up, 1 listing each (org, type, period) that differs;
     `metering reaggregate` over that window repairs them.
     """
+    from tqdm import tqdm
+
     from metering.storage.aggregates import AggregateStore
+    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     today = datetime.now(UTC).date()
     first = _parse_when(start, "--from").date() if start else today - timedelta(days=400)
     last = _parse_when(end, "--to").date() if end else today + timedelta(days=1)
+    if last <= first:
+        raise click.BadParameter("--to must be after --from", param_hint="--to")
+    windows = month_windows(first, last)
 
     async def main() -> list[Any]:
-        return await _with_pool(settings, lambda pool: AggregateStore(pool).reconcile(first, last))
+        pool = await create_pool(settings, command_timeout=None)  # a month can take minutes
+        store = AggregateStore(pool)
+        found: list[Any] = []
+        try:
+            with tqdm(total=len(windows), unit="month", file=sys.stderr) as bar:
+                for window_start, window_end in windows:
+                    bar.set_description(f"reconcile {window_start:%Y-%m}")
+                    found.extend(await store.reconcile(window_start, window_end))
+                    bar.update()
+        finally:
+            await pool.close()
+        return found
 
     differences = _run(main())
     if not differences:

@@ -163,7 +163,10 @@ class AggregateStore:
 
     async def reconcile(self, start: date, end: date) -> list[asyncpg.Record]:
         """Differences between stored aggregates and a recomputation from raw events, for
-        periods starting in [start, end). Empty means every number adds up."""
+        periods starting in [start, end). Empty means every number adds up.
+
+        One statement over the window's events (about a month's for a one-month window);
+        `metering reconcile` walks a long window month by month."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             return list(await conn.fetch(RECONCILE, start, end))
 
@@ -191,6 +194,10 @@ def _crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:
 # Recomputes aggregates straight from usage_events with its own query (not the
 # aggregator's functions) and returns every (org, type, period, start) that differs.
 # Only events below the watermark count: those are exactly what the aggregates cover.
+# The events read are those that can fall in a period starting in [$1, $2) in any zone
+# (offsets are within -12h..+14h of UTC): from a day before $1 to a day after the end of
+# the last month starting before $2, both in UTC whatever the session's TimeZone. So a
+# window of one month reads about one month of events.
 RECONCILE = """
 WITH wm AS (
     SELECT watermark_xid FROM aggregator_state WHERE name = 'usage'
@@ -208,8 +215,9 @@ WITH wm AS (
     CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
     CROSS JOIN wm
     WHERE e.ingest_xid < wm.watermark_xid
-      AND e.occurred_at >= $1::date - interval '32 days'
-      AND e.occurred_at < $2::date + interval '32 days'
+      AND e.occurred_at >= ($1::date - 1)::timestamp AT TIME ZONE 'UTC'
+      AND e.occurred_at < (date_trunc('month', ($2::date - 1)::timestamp)
+                           + interval '1 month 1 day') AT TIME ZONE 'UTC'
 ), expected AS (
     SELECT org_id, event_type, period, period_start, count(*) AS event_count,
            CASE min(aggregation)

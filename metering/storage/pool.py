@@ -25,12 +25,19 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 
 
 async def create_pool(
-    settings: Settings, *, min_size: int = 1, max_size: int = 4, role: str | None = None
+    settings: Settings,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    role: str | None = None,
+    command_timeout: float | None = 60,
 ) -> asyncpg.Pool:
     """Open a pool to `METERING_DATABASE_URL`. Raises a transient error if Postgres is down.
 
     With `role`, every connection acts as that role (`SET ROLE`; `RESET ALL` does not undo
-    it), so a process holds only the privileges of its job (migration 004).
+    it), so a process holds only the privileges of its job (migration 004). A statement
+    running longer than `command_timeout` seconds raises TimeoutError; the services keep
+    the default, batch commands over big windows (reaggregate, reconcile) pass None.
     """
 
     async def become(conn: asyncpg.Connection) -> None:
@@ -41,7 +48,7 @@ async def create_pool(
         settings.database_url.get_secret_value(),
         min_size=min_size,
         max_size=max_size,
-        command_timeout=60,
+        command_timeout=command_timeout,
         server_settings={"application_name": "metering"},
         init=become,
     )

@@ -7,8 +7,9 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
@@ -189,12 +190,89 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
         check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr
+    assert f"reconcile {first_day:%Y-%m}" in result.stderr  # progress, month by month
     assert str(org) in result.stdout and "api_call" in result.stdout
     assert f"{tampered} aggregates differ" in result.stderr
     assert result.stdout.count(str(org)) == tampered
     await aggregate_store.reaggregate("month", start, end, org)
     assert await aggregates(db, org) == expected
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
+
+
+async def test_reconcile_of_one_month_reads_the_events_of_zones_far_from_utc(
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    aggregator: Aggregator,
+) -> None:
+    """A month's window reads only about that month's events (metering reconcile walks
+    month by month), yet sees every event of its periods in the zones furthest from UTC:
+    a local month starts 14 hours before UTC's in Kiritimati and ends 11 hours after it in
+    Pago Pago."""
+    now = datetime.now(UTC)
+    orgs = {}
+    for zone in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+        org = uuid.uuid4()
+        await subscribe(db, org, "pro", zone)
+        month = now.astimezone(ZoneInfo(zone)).replace(
+            day=1, hour=0, minute=0, second=0, microsecond=0
+        )
+        events = Events(event_store, org)
+        await events.add("api_call", month.isoformat(), 3)  # the month's first instant
+        await events.add("api_call", (month - timedelta(seconds=1)).isoformat(), 5)
+        orgs[org] = month
+    await aggregator.run_once()
+
+    for org, month in orgs.items():
+        this_month = month.date()
+        last_day = this_month - timedelta(days=1)
+        previous_month = last_day.replace(day=1)
+        next_month = (this_month + timedelta(days=32)).replace(day=1)
+        assert await aggregates(db, org) == {
+            ("api_call", "day", this_month.isoformat()): ("3", 1),
+            ("api_call", "month", this_month.isoformat()): ("3", 1),
+            ("api_call", "day", last_day.isoformat()): ("5", 1),
+            ("api_call", "month", previous_month.isoformat()): ("5", 1),
+        }
+
+        async def differences(
+            start: date, end: date, org: uuid.UUID = org
+        ) -> list[tuple[str, str]]:
+            found = await aggregate_store.reconcile(start, end)
+            return [
+                (r["period"], r["period_start"].isoformat()) for r in found if r["org_id"] == org
+            ]
+
+        assert await differences(this_month, next_month) == []
+        assert await differences(previous_month, this_month) == []
+        # the edge rows tampered, each is caught by its own month's window only
+        await db.execute(
+            "UPDATE usage_aggregations SET value = value + 1 WHERE org_id = $1 "
+            "AND period = 'month' AND period_start = $2",
+            org,
+            this_month,
+        )
+        await db.execute(
+            "UPDATE usage_aggregations SET event_count = event_count + 1 WHERE org_id = $1 "
+            "AND period = 'day' AND period_start = $2",
+            org,
+            last_day,
+        )
+        assert await differences(this_month, next_month) == [("month", this_month.isoformat())]
+        assert await differences(previous_month, this_month) == [("day", last_day.isoformat())]
+        await db.execute(
+            "UPDATE usage_aggregations SET value = value - 1 WHERE org_id = $1 "
+            "AND period = 'month' AND period_start = $2",
+            org,
+            this_month,
+        )
+        await db.execute(
+            "UPDATE usage_aggregations SET event_count = event_count - 1 WHERE org_id = $1 "
+            "AND period = 'day' AND period_start = $2",
+            org,
+            last_day,
+        )
+        assert await differences(previous_month, next_month) == []
 
 
 async def test_concurrent_recomputes_each_get_their_own_period_bounds(

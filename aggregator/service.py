@@ -56,8 +56,11 @@ class Aggregator:
     async def run_once(self) -> PassResult:
         """One pass, then publish what is pending; retried while a dependency is down."""
         started = time.perf_counter()
-        result = await self._retry_db(lambda: self._store.run_pass(decide_crossings))
+        budget = self._settings.aggregator_max_pass_events
+        result = await self._retry_db(lambda: self._store.run_pass(decide_crossings, budget))
         self._metrics.pass_seconds.observe(time.perf_counter() - started)
+        if not result.caught_up:
+            log.info("catching up: aggregated %d events, more are waiting", result.events)
         self._metrics.events.inc(result.events)
         for age, count in result.ages:
             observe_many(self._metrics.freshness, age, count)
@@ -133,8 +136,12 @@ async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResul
     if not once:
         server, thread = start_http_server(settings.metrics_port, registry=registry)
         log.info("metrics on :%d/metrics", settings.metrics_port)
+    # No statement timeout: a pass cancelled by one would be retried over the same events,
+    # forever. Passes are bounded by aggregator_max_pass_events instead.
     pool = await retry_postgres(
-        lambda: create_pool(settings, max_size=2), settings=settings, metrics=metrics.dependencies
+        lambda: create_pool(settings, max_size=2, command_timeout=None),
+        settings=settings,
+        metrics=metrics.dependencies,
     )
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,

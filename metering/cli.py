@@ -273,7 +273,12 @@ def send(
 
 # ----------------------------------------------------------- aggregate
 @cli.command()
-@click.option("--once", is_flag=True, help="Run one pass and exit (prints what it did).")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Run one pass and exit (prints what it did). A pass takes the consumer's "
+    "transactions up to METERING_AGGREGATOR_MAX_PASS_EVENTS events (default 1,000,000).",
+)
 @click.option(
     "--metrics-port",
     type=int,
@@ -298,6 +303,8 @@ def aggregate(ctx: click.Context, once: bool, metrics_port: int | None) -> None:
             f"aggregated {result.events} events (transactions {result.from_xid}..{result.to_xid}); "
             f"{len(result.new_crossings)} new limit crossings"
         )
+        if not result.caught_up:
+            click.echo("more events are waiting beyond this pass's budget: run it again")
 
 
 def _parse_when(value: str, name: str) -> datetime:

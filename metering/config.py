@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     # the transaction commit, smaller ones cut end-to-end latency.
     consumer_batch_size: int = Field(default=5000, ge=1, le=50_000)
     consumer_batch_timeout_ms: int = Field(default=100, ge=1)
+    # Events one aggregation pass takes from the consumer's transactions (at least one
+    # transaction): catching up after the aggregator was down is then a series of passes
+    # that each commit and move the watermark. 1M events: ~1 s of pass for live events,
+    # ~10 s for events spread over 60 days (bench.aggregate).
+    aggregator_max_pass_events: int = Field(default=1_000_000, ge=1)
     # Back-off while Postgres or Kafka is unavailable: doubles from min to max.
     retry_min_seconds: float = 0.2
     retry_max_seconds: float = 5.0

@@ -13,12 +13,25 @@ import asyncpg
 
 from aggregator.limits import THRESHOLDS, Crossing, LimitUsage
 
-# The snapshot's xmin is the pass's upper bound: every transaction below it has finished,
-# so no event below it can still appear. Taken in the transaction's first statement, with
-# the aggregator's lock (one pass or recompute at a time).
+# The snapshot's xmin bounds the pass: every transaction below it has finished, so no event
+# below it can still appear. Taken in the transaction's first statement, with the
+# aggregator's lock (one pass or recompute at a time). A pass takes the consumer's
+# transactions (ingest_batches) in order while fewer than $1 events come before them (no
+# limit when $1 is NULL), at least one, so that catching up after an outage is a series
+# of bounded passes that each commit, not one pass over everything. Any bound at or below
+# xmin keeps the promise above.
 SNAPSHOT_AND_LOCK = """
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS upper, watermark_xid AS lower
-FROM aggregator_state WHERE name = 'usage' FOR UPDATE
+WITH state AS MATERIALIZED (
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, watermark_xid
+    FROM aggregator_state WHERE name = 'usage' FOR UPDATE
+)
+SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,
+       coalesce((SELECT min(b.ingest_xid)
+                 FROM (SELECT ingest_xid, sum(events) OVER (ORDER BY ingest_xid) - events AS before
+                       FROM ingest_batches
+                       WHERE ingest_xid >= s.watermark_xid AND ingest_xid < s.xmin) b
+                 WHERE b.before >= $1), s.xmin) AS upper
+FROM state s
 """
 # Aggregates the new events and returns the usage of every limited feature in the months
 # they touched, with the thresholds already recorded (a bit mask over $3); limits with
@@ -67,6 +80,7 @@ class PassResult:
     events: int
     ages: list[tuple[float, int]]  # (seconds from storage to this pass, events that old)
     new_crossings: list[Crossing]
+    caught_up: bool = True  # False: the pass stopped at its event budget, more is waiting
 
 
 class AggregateStore:
@@ -75,17 +89,20 @@ class AggregateStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def run_pass(self, decide: Any) -> PassResult:
+    async def run_pass(self, decide: Any, max_events: int | None = None) -> PassResult:
         """One incremental pass, in one REPEATABLE READ transaction: aggregate the events of
-        every transaction finished since the last pass, record the threshold crossings
+        the transactions finished since the last pass (with `max_events`, the consumer's
+        only while fewer than that many events come before them; `caught_up` says whether
+        a finished one was left for the next pass), record the threshold crossings
         `decide(usages)` returns, and move the watermark. Killed half way, nothing of it
         stays and the next pass does the same work: no event is ever counted twice.
         """
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            bounds = await conn.fetchrow(SNAPSHOT_AND_LOCK)
+            bounds = await conn.fetchrow(SNAPSHOT_AND_LOCK, max_events)
             assert bounds is not None  # migration 003 inserts the 'usage' row
             lower: int = bounds["lower"]
             upper: int = bounds["upper"]
+            caught_up = upper == bounds["snapshot_xmin"]
             if upper <= lower:
                 return PassResult(lower, lower, 0, [], [])
             applied = await conn.fetchrow(AGGREGATION_PASS, lower, upper, list(THRESHOLDS))
@@ -115,7 +132,7 @@ class AggregateStore:
                 )
             }
             crossed = [c for c in candidates if c.id in new_ids]
-            return PassResult(lower, upper, events, ages, crossed)
+            return PassResult(lower, upper, events, ages, crossed, caught_up)
 
     async def unpublished(self, limit: int = 500) -> list[Crossing]:
         async with self._pool.acquire() as conn:

@@ -16,11 +16,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from aggregator.limits import Crossing, LimitUsage
-from aggregator.service import Aggregator
+from aggregator.service import Aggregator, decide_crossings
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics
+from metering.models import EventType, UsageEvent
 from metering.storage.aggregates import AggregateStore, notified_set
-from metering.storage.events import EventStore
+from metering.storage.events import EventStore, IncomingEvent
 from tests.aggregator.conftest import Events, aggregates, subscribe
 from tests.conftest import ROOT, settings_env
 
@@ -197,6 +198,50 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     await aggregate_store.reaggregate("month", start, end, org)
     assert await aggregates(db, org) == expected
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []
+
+
+async def test_a_pass_stops_at_its_event_budget_and_the_next_ones_catch_up(
+    db: asyncpg.Connection, event_store: EventStore, aggregate_store: AggregateStore
+) -> None:
+    """After an outage the aggregator catches up in passes of about its budget, each of
+    which commits; a consumer transaction bigger than the budget is still taken whole."""
+    await aggregate_store.run_pass(decide_crossings)  # what earlier tests left
+    org = uuid.uuid4()
+    await subscribe(db, org, "pro")
+    now = datetime.now(UTC)
+    for n in range(5):  # five consumer transactions of three events, quantity 10**n each
+        await event_store.write_batch(
+            [
+                IncomingEvent(
+                    UsageEvent(
+                        id=f"b{n}-{k}",
+                        type=EventType.API_CALL,
+                        org_id=org,
+                        quantity=Decimal(10**n),
+                        occurred_at=now,
+                    )
+                )
+                for k in range(3)
+            ]
+        )
+    today, month = now.date().isoformat(), now.date().replace(day=1).isoformat()
+
+    def totals(value: str, count: int) -> dict[tuple[str, str, str], tuple[str, int]]:
+        return {
+            ("api_call", "day", today): (value, count),
+            ("api_call", "month", month): (value, count),
+        }
+
+    first = await aggregate_store.run_pass(decide_crossings, max_events=6)
+    assert (first.events, first.caught_up) == (6, False)
+    assert await aggregates(db, org) == totals("33", 6)
+    second = await aggregate_store.run_pass(decide_crossings, max_events=2)
+    assert (second.events, second.caught_up, second.from_xid) == (3, False, first.to_xid)
+    assert await aggregates(db, org) == totals("333", 9)
+    rest = await aggregate_store.run_pass(decide_crossings, max_events=1000)
+    assert (rest.events, rest.caught_up, rest.from_xid) == (6, True, second.to_xid)
+    assert await aggregates(db, org) == totals("33333", 15)
+    assert await db.fetchval("SELECT count(*) FROM ingest_batches") == 0
 
 
 async def test_reconcile_of_one_month_reads_the_events_of_zones_far_from_utc(

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from pydantic import ValidationError
@@ -332,7 +333,6 @@ def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, pe
     from tqdm import tqdm
 
     from metering.storage.aggregates import AggregateStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     first, last = _parse_when(start, "--from"), _parse_when(end, "--to")
@@ -342,30 +342,27 @@ def reaggregate(ctx: click.Context, start: str, end: str, org_id: str | None, pe
     periods = ["day", "month"] if period == "both" else [period]
     windows = month_windows(first, last)
 
-    async def main() -> int:
+    async def recompute(pool: Any) -> int:
         from metering.storage.retention import raw_events_from
 
-        pool = await create_pool(settings, command_timeout=None)  # a month can take minutes
         store = AggregateStore(pool)
         written = 0
-        try:
-            horizon = await raw_events_from(pool)
-            if horizon is not None and first < horizon:
-                raise click.ClickException(
-                    f"raw events before {horizon.isoformat()} were dropped by retention; "
-                    "re-aggregating that window would erase its aggregates"
-                )
-            with tqdm(total=len(windows) * len(periods), unit="window", file=sys.stderr) as bar:
-                for window_start, window_end in windows:
-                    for name in periods:
-                        bar.set_description(f"{name} {window_start:%Y-%m}")
-                        written += await store.reaggregate(name, window_start, window_end, org)
-                        bar.update()
-        finally:
-            await pool.close()
+        horizon = await raw_events_from(pool)
+        if horizon is not None and first < horizon:
+            raise click.ClickException(
+                f"raw events before {horizon.isoformat()} were dropped by retention; "
+                "re-aggregating that window would erase its aggregates"
+            )
+        with tqdm(total=len(windows) * len(periods), unit="window", file=sys.stderr) as bar:
+            for window_start, window_end in windows:
+                for name in periods:
+                    bar.set_description(f"{name} {window_start:%Y-%m}")
+                    written += await store.reaggregate(name, window_start, window_end, org)
+                    bar.update()
         return written
 
-    written = _run(main())
+    # no statement timeout: one month of a big table can take minutes
+    written = _run(_with_pool(settings, recompute, command_timeout=None))
     click.echo(f"recomputed {written} aggregate rows for {first.isoformat()} .. {last.isoformat()}")
 
 
@@ -392,13 +389,13 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
     """Recompute aggregates from usage_events independently and compare with the stored ones.
 
     Works month by month (progress bar on stderr), each month in one consistent snapshot.
-    Exits 0 when every number adds up, 1 listing each (org, type, period) that differs;
-    `metering reaggregate` over that window repairs them.
+    Exits 0 when every number adds up, 1 listing each (org, type, period) that differs
+    (`metering reaggregate` over that window repairs them), 3 when PostgreSQL cannot be
+    reached or has no metering schema.
     """
     from tqdm import tqdm
 
     from metering.storage.aggregates import AggregateStore
-    from metering.storage.pool import create_pool
 
     settings = _settings(ctx)
     today = datetime.now(UTC).date()
@@ -408,21 +405,18 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
         raise click.BadParameter("--to must be after --from", param_hint="--to")
     windows = month_windows(first, last)
 
-    async def main() -> list[Any]:
-        pool = await create_pool(settings, command_timeout=None)  # a month can take minutes
+    async def compare(pool: Any) -> list[Any]:
         store = AggregateStore(pool)
         found: list[Any] = []
-        try:
-            with tqdm(total=len(windows), unit="month", file=sys.stderr) as bar:
-                for window_start, window_end in windows:
-                    bar.set_description(f"reconcile {window_start:%Y-%m}")
-                    found.extend(await store.reconcile(window_start, window_end))
-                    bar.update()
-        finally:
-            await pool.close()
+        with tqdm(total=len(windows), unit="month", file=sys.stderr) as bar:
+            for window_start, window_end in windows:
+                bar.set_description(f"reconcile {window_start:%Y-%m}")
+                found.extend(await store.reconcile(window_start, window_end))
+                bar.update()
         return found
 
-    differences = _run(main())
+    # no statement timeout: one month of a big table can take minutes
+    differences = _run(_with_pool(settings, compare, command_timeout=None))
     if not differences:
         click.echo(f"reconciled {first} .. {last}: every aggregate matches usage_events")
         return
@@ -503,7 +497,8 @@ def usage(
 def check(ctx: click.Context, org: str, feature: str, quantity: str) -> None:
     """Print the access check of FEATURE for ORG (limit, used, remaining, allowed).
 
-    Exits 0 when allowed, 1 when not, 2 for an unknown feature.
+    Exits 0 when allowed, 1 when not, 2 for an unknown feature, 3 when PostgreSQL cannot
+    be reached.
     """
     import asyncpg
 
@@ -533,15 +528,62 @@ def check(ctx: click.Context, org: str, feature: str, quantity: str) -> None:
     sys.exit(0 if result.get("allowed") else 1)
 
 
-async def _with_pool(settings: Settings, use: Callable[[Any], Awaitable[T]]) -> T:
-    """Open a pool, run `use(pool)`, always close the pool."""
-    from metering.storage.pool import create_pool
+class DatabaseUnavailable(click.ClickException):
+    """PostgreSQL could not be reached, refused us, or lacks the schema: exit status 3, so
+    that scripts can tell it from a command's own answers (1 and 2)."""
 
-    pool = await create_pool(settings)
+    exit_code = 3
+
+
+async def _with_pool(
+    settings: Settings,
+    use: Callable[[Any], Awaitable[T]],
+    *,
+    command_timeout: float | None = 60,
+) -> T:
+    """Open a pool, run `use(pool)`, always close the pool. A database that cannot be
+    reached or is not migrated ends the command with a message saying what to do."""
+    import asyncpg
+
+    from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
+
+    where = _database_location(settings)
+    refused: tuple[type[BaseException], ...] = (
+        *TRANSIENT_DB_ERRORS,
+        asyncpg.InvalidAuthorizationSpecificationError,
+    )
+    try:
+        pool = await create_pool(settings, command_timeout=command_timeout)
+    except asyncpg.InvalidCatalogNameError as error:
+        raise DatabaseUnavailable(
+            f"{error} at {where}: `metering dev up` creates the local one, then "
+            "`metering migrate`; elsewhere create it, or fix METERING_DATABASE_URL"
+        ) from None
+    except refused as error:
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL at {where}: {error or type(error).__name__}. "
+            "Is it running? (`metering dev status` shows the local one; the address is "
+            "METERING_DATABASE_URL)"
+        ) from None
     try:
         return await use(pool)
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as error:
+        raise DatabaseUnavailable(
+            f"the database at {where} has no metering schema ({error}): run `metering migrate`"
+        ) from None
+    except TRANSIENT_DB_ERRORS as error:
+        raise DatabaseUnavailable(
+            f"lost PostgreSQL at {where}: {error or type(error).__name__}. Every step of a "
+            "command is one transaction, so running it again is safe"
+        ) from None
     finally:
         await pool.close()
+
+
+def _database_location(settings: Settings) -> str:
+    """host:port/database of METERING_DATABASE_URL, without the credentials."""
+    parts = urlsplit(settings.database_url.get_secret_value())
+    return f"{parts.hostname or 'localhost'}:{settings.database_port}/{settings.database_name}"
 
 
 def _parse_org(value: str) -> uuid.UUID:

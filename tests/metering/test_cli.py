@@ -1,11 +1,33 @@
-"""The command line's pure helpers (no services)."""
+"""The command line: its pure helpers, and what it says when PostgreSQL is not there."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta, timezone
 from itertools import pairwise
 
+import pytest
+
 from metering.cli import month_windows
+from metering.config import Settings
+from metering.devenv.services import DevServices
+from tests.conftest import ROOT, free_port
+
+ORG = "00000000-0000-4000-8000-000000000001"
+
+
+def metering(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "metering", *args],
+        env={**os.environ, "METERING_DATABASE_URL": database_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 def test_month_windows_cut_dates_at_each_month_start() -> None:
@@ -35,3 +57,29 @@ def test_month_windows_of_datetimes_keep_the_zone_and_cover_without_gaps() -> No
     assert all(a[1] == b[0] for a, b in pairwise(windows))
     assert all(start.tzinfo is zone and end.tzinfo is zone for start, end in windows)
     assert month_windows(datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)) == []
+
+
+def test_an_unreachable_database_is_named_with_exit_status_3_and_no_traceback() -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql://postgres@127.0.0.1:{port}/metering"
+    for args in (["usage", ORG], ["check", ORG, "max_mau"], ["reconcile"]):
+        result = metering(url, *args)
+        assert result.returncode == 3, (args, result.stderr)
+        assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/metering" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.services
+def test_a_database_without_the_schema_says_to_migrate(
+    dev_services: DevServices, base_settings: Settings
+) -> None:
+    server = base_settings.database_url.get_secret_value().rsplit("/", 1)[0]
+    result = metering(f"{server}/postgres", "usage", ORG)  # exists, never migrated
+    assert result.returncode == 3, result.stderr
+    assert "has no metering schema" in result.stderr
+    assert "run `metering migrate`" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = metering(f"{server}/no_such_database", "reconcile")
+    assert missing.returncode == 3, missing.stderr
+    assert 'database "no_such_database" does not exist' in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -211,7 +211,7 @@ def send(
     Each event is validated before it is sent, so a bad one fails here with its reason.
     """
     from metering.client import UsageClient
-    from metering.errors import InvalidEvent
+    from metering.errors import DependencyUnavailable, InvalidEvent
     from metering.models import EventType
 
     settings = _settings(ctx)
@@ -266,6 +266,11 @@ def send(
 
     try:
         _run(one() if count is None else many(count))
+    except DependencyUnavailable as error:
+        raise DependencyDown(
+            f"cannot reach Kafka: {error.reason}. Is it running? (`metering dev status` "
+            "shows the local one; the address is METERING_KAFKA_BOOTSTRAP_SERVERS)"
+        ) from None
     except InvalidEvent as error:
         raise click.ClickException(f"invalid event ({error.code}): {error.reason}") from None
     except ValueError as error:
@@ -528,9 +533,9 @@ def check(ctx: click.Context, org: str, feature: str, quantity: str) -> None:
     sys.exit(0 if result.get("allowed") else 1)
 
 
-class DatabaseUnavailable(click.ClickException):
-    """PostgreSQL could not be reached, refused us, or lacks the schema: exit status 3, so
-    that scripts can tell it from a command's own answers (1 and 2)."""
+class DependencyDown(click.ClickException):
+    """PostgreSQL or Kafka could not be reached, refused us, or PostgreSQL lacks the schema:
+    exit status 3, so that scripts can tell it from a command's own answers (1 and 2)."""
 
     exit_code = 3
 
@@ -555,12 +560,12 @@ async def _with_pool(
     try:
         pool = await create_pool(settings, command_timeout=command_timeout)
     except asyncpg.InvalidCatalogNameError as error:
-        raise DatabaseUnavailable(
+        raise DependencyDown(
             f"{error} at {where}: `metering dev up` creates the local one, then "
             "`metering migrate`; elsewhere create it, or fix METERING_DATABASE_URL"
         ) from None
     except refused as error:
-        raise DatabaseUnavailable(
+        raise DependencyDown(
             f"cannot connect to PostgreSQL at {where}: {error or type(error).__name__}. "
             "Is it running? (`metering dev status` shows the local one; the address is "
             "METERING_DATABASE_URL)"
@@ -568,11 +573,11 @@ async def _with_pool(
     try:
         return await use(pool)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as error:
-        raise DatabaseUnavailable(
+        raise DependencyDown(
             f"the database at {where} has no metering schema ({error}): run `metering migrate`"
         ) from None
     except TRANSIENT_DB_ERRORS as error:
-        raise DatabaseUnavailable(
+        raise DependencyDown(
             f"lost PostgreSQL at {where}: {error or type(error).__name__}. Every step of a "
             "command is one transaction, so running it again is safe"
         ) from None

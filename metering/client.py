@@ -17,8 +17,10 @@ from uuid import UUID
 
 import uuid_utils
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from metering.config import Settings
+from metering.errors import DependencyUnavailable
 from metering.models import UsageEvent, utc_now, validate_event
 from metering.partitioner import OrgKeyPartitioner
 
@@ -57,7 +59,17 @@ class UsageClient:
         await self.close()
 
     async def start(self) -> None:
-        await self._producer.start()
+        """Connect to Kafka. Raises DependencyUnavailable when no bootstrap server answers
+        (the producer is closed again; try later, or check METERING_KAFKA_BOOTSTRAP_SERVERS)."""
+        try:
+            await self._producer.start()
+        except KafkaError as error:
+            await self._producer.stop()
+            raise DependencyUnavailable(
+                "kafka",
+                f"no broker at {self._settings.kafka_bootstrap_servers} answered ({error})",
+                self._settings.retry_max_seconds,
+            ) from None
 
     async def close(self) -> None:
         """Flush what is buffered, then close. Safe to call twice."""

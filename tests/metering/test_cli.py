@@ -18,10 +18,16 @@ from tests.conftest import ROOT, free_port
 ORG = "00000000-0000-4000-8000-000000000001"
 
 
-def metering(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def metering(
+    database_url: str, *args: str, kafka: str = "127.0.0.1:9092"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "metering", *args],
-        env={**os.environ, "METERING_DATABASE_URL": database_url},
+        env={
+            **os.environ,
+            "METERING_DATABASE_URL": database_url,
+            "METERING_KAFKA_BOOTSTRAP_SERVERS": kafka,
+        },
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -83,3 +89,12 @@ def test_a_database_without_the_schema_says_to_migrate(
     assert missing.returncode == 3, missing.stderr
     assert 'database "no_such_database" does not exist' in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_send_without_a_broker_names_kafka_with_exit_status_3() -> None:
+    kafka = f"127.0.0.1:{free_port()}"
+    for args in (["send", "--org", ORG], ["send", "--count", "5"]):
+        result = metering("postgresql://unused", *args, kafka=kafka)
+        assert result.returncode == 3, (args, result.stderr)
+        assert f"cannot reach Kafka: no broker at {kafka} answered" in result.stderr
+        assert "Traceback" not in result.stderr

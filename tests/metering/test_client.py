@@ -1,0 +1,64 @@
+"""The producer client for services (`metering.client`), against the real broker."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from metering.client import UsageClient
+from metering.config import Settings
+from metering.errors import DependencyUnavailable, InvalidEvent
+from metering.models import parse_event, utc_now
+from tests.conftest import free_port
+
+
+async def test_no_broker_is_a_typed_error_naming_kafka(base_settings: Settings) -> None:
+    nowhere = base_settings.model_copy(
+        update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"}
+    )
+    with pytest.raises(DependencyUnavailable) as raised:
+        async with UsageClient(nowhere):
+            pass
+    assert raised.value.dependency == "kafka"
+    assert nowhere.kafka_bootstrap_servers in raised.value.reason
+
+
+@pytest.mark.services
+async def test_events_arrive_keyed_by_org_with_time_ordered_ids_and_bad_ones_never_leave(
+    settings: Settings,
+) -> None:
+    org = uuid.uuid4()
+    async with UsageClient(settings) as client:
+        with pytest.raises(InvalidEvent) as refused:
+            await client.send(org_id=org, type="user_active")  # needs a user_id
+        assert refused.value.code == "user_required"
+        sent = [await client.send(org_id=org, type="api_call", quantity=n) for n in (1, 2, 3)]
+    assert all(uuid.UUID(e.id).version == 7 for e in sent)
+    assert [e.id for e in sent] == sorted(e.id for e in sent)
+
+    consumer = AIOKafkaConsumer(
+        settings.events_topic,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    try:
+        batches = await consumer.getmany(timeout_ms=10_000, max_records=10)
+        records = [r for part in batches.values() for r in part]
+        while len(records) < 3:
+            more = await consumer.getmany(timeout_ms=10_000)
+            assert more, f"only {len(records)} of 3 events arrived"
+            records += [r for part in more.values() for r in part]
+    finally:
+        await consumer.stop()
+    assert {r.key for r in records} == {str(org).encode()}
+    assert len({r.partition for r in records}) == 1  # one org, one partition, in order
+    now = utc_now()
+    received = [
+        parse_event(r.value, now=now, lateness_window=settings.lateness_window) for r in records
+    ]
+    assert received == sent  # the invalid one was never published

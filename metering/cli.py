@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -132,7 +133,8 @@ def migrate(ctx: click.Context) -> None:
     settings = _settings(ctx)
 
     async def main() -> list[str]:
-        conn = await asyncpg.connect(settings.database_url.get_secret_value())
+        with _reaching_database(settings):
+            conn = await asyncpg.connect(settings.database_url.get_secret_value())
         try:
             return await apply(conn)
         finally:
@@ -140,7 +142,7 @@ def migrate(ctx: click.Context) -> None:
 
     try:
         applied = _run(main())
-    except (MeteringError, OSError) as error:
+    except MeteringError as error:
         raise click.ClickException(str(error)) from None
     if applied:
         for name in applied:
@@ -552,24 +554,9 @@ async def _with_pool(
 
     from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
 
-    where = _database_location(settings)
-    refused: tuple[type[BaseException], ...] = (
-        *TRANSIENT_DB_ERRORS,
-        asyncpg.InvalidAuthorizationSpecificationError,
-    )
-    try:
+    with _reaching_database(settings):
         pool = await create_pool(settings, command_timeout=command_timeout)
-    except asyncpg.InvalidCatalogNameError as error:
-        raise DependencyDown(
-            f"{error} at {where}: `metering dev up` creates the local one, then "
-            "`metering migrate`; elsewhere create it, or fix METERING_DATABASE_URL"
-        ) from None
-    except refused as error:
-        raise DependencyDown(
-            f"cannot connect to PostgreSQL at {where}: {error or type(error).__name__}. "
-            "Is it running? (`metering dev status` shows the local one; the address is "
-            "METERING_DATABASE_URL)"
-        ) from None
+    where = _database_location(settings)
     try:
         return await use(pool)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as error:
@@ -583,6 +570,34 @@ async def _with_pool(
         ) from None
     finally:
         await pool.close()
+
+
+@contextlib.contextmanager
+def _reaching_database(settings: Settings) -> Iterator[None]:
+    """Around connecting: a server that is down, refuses us, or lacks the database becomes
+    DependencyDown saying what to do."""
+    import asyncpg
+
+    from metering.storage.pool import TRANSIENT_DB_ERRORS
+
+    where = _database_location(settings)
+    refused: tuple[type[BaseException], ...] = (
+        *TRANSIENT_DB_ERRORS,
+        asyncpg.InvalidAuthorizationSpecificationError,
+    )
+    try:
+        yield
+    except asyncpg.InvalidCatalogNameError as error:
+        raise DependencyDown(
+            f"{error} at {where}: `metering dev up` creates the local one, then "
+            "`metering migrate`; elsewhere create it, or fix METERING_DATABASE_URL"
+        ) from None
+    except refused as error:
+        raise DependencyDown(
+            f"cannot connect to PostgreSQL at {where}: {error or type(error).__name__}. "
+            "Is it running? (`metering dev status` shows the local one; the address is "
+            "METERING_DATABASE_URL)"
+        ) from None
 
 
 def _database_location(settings: Settings) -> str:

@@ -68,7 +68,7 @@ def test_month_windows_of_datetimes_keep_the_zone_and_cover_without_gaps() -> No
 def test_an_unreachable_database_is_named_with_exit_status_3_and_no_traceback() -> None:
     port = free_port()  # nothing listens there
     url = f"postgresql://postgres@127.0.0.1:{port}/metering"
-    for args in (["usage", ORG], ["check", ORG, "max_mau"], ["reconcile"]):
+    for args in (["usage", ORG], ["check", ORG, "max_mau"], ["reconcile"], ["migrate"]):
         result = metering(url, *args)
         assert result.returncode == 3, (args, result.stderr)
         assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/metering" in result.stderr
@@ -85,10 +85,11 @@ def test_a_database_without_the_schema_says_to_migrate(
     assert "has no metering schema" in result.stderr
     assert "run `metering migrate`" in result.stderr
     assert "Traceback" not in result.stderr
-    missing = metering(f"{server}/no_such_database", "reconcile")
-    assert missing.returncode == 3, missing.stderr
-    assert 'database "no_such_database" does not exist' in missing.stderr
-    assert "Traceback" not in missing.stderr
+    for command in ("reconcile", "migrate"):
+        missing = metering(f"{server}/no_such_database", command)
+        assert missing.returncode == 3, missing.stderr
+        assert 'database "no_such_database" does not exist' in missing.stderr
+        assert "Traceback" not in missing.stderr
 
 
 def test_send_without_a_broker_names_kafka_with_exit_status_3() -> None:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from metering.client import UsageClient
 from metering.config import Settings
 from metering.errors import DependencyUnavailable, InvalidEvent
 from metering.models import parse_event, utc_now
-from tests.conftest import free_port
+from tests.conftest import free_port, read_topic
 
 
 async def test_no_broker_is_a_typed_error_naming_kafka(base_settings: Settings) -> None:
@@ -38,23 +37,8 @@ async def test_events_arrive_keyed_by_org_with_time_ordered_ids_and_bad_ones_nev
     assert all(uuid.UUID(e.id).version == 7 for e in sent)
     assert [e.id for e in sent] == sorted(e.id for e in sent)
 
-    consumer = AIOKafkaConsumer(
-        settings.events_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    await consumer.start()
-    try:
-        batches = await consumer.getmany(timeout_ms=10_000, max_records=10)
-        records = [r for part in batches.values() for r in part]
-        while len(records) < 3:
-            more = await consumer.getmany(timeout_ms=10_000)
-            assert more, f"only {len(records)} of 3 events arrived"
-            records += [r for part in more.values() for r in part]
-    finally:
-        await consumer.stop()
+    records = await read_topic(settings, settings.events_topic, expected=3)
+    assert len(records) == 3
     assert {r.key for r in records} == {str(org).encode()}
     assert len({r.partition for r in records}) == 1  # one org, one partition, in order
     now = utc_now()

@@ -391,8 +391,9 @@ def month_windows(first: W, last: W) -> list[tuple[W, W]]:
 @cli.command()
 @click.option("--from", "start", default=None, help="First period start (default: 400 days ago).")
 @click.option("--to", "end", default=None, help="Period starts before this (default: tomorrow).")
+@click.option("--org", "org_id", default=None, help="Only this organization (fast: by index).")
 @click.pass_context
-def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
+def reconcile(ctx: click.Context, start: str | None, end: str | None, org_id: str | None) -> None:
     """Recompute aggregates from usage_events independently and compare with the stored ones.
 
     Works month by month (progress bar on stderr), each month in one consistent snapshot.
@@ -410,6 +411,7 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
     last = _parse_when(end, "--to").date() if end else today + timedelta(days=1)
     if last <= first:
         raise click.BadParameter("--to must be after --from", param_hint="--to")
+    org = _parse_org(org_id) if org_id else None
     windows = month_windows(first, last)
 
     async def compare(pool: Any) -> list[Any]:
@@ -418,14 +420,15 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None) -> None:
         with tqdm(total=len(windows), unit="month", file=sys.stderr) as bar:
             for window_start, window_end in windows:
                 bar.set_description(f"reconcile {window_start:%Y-%m}")
-                found.extend(await store.reconcile(window_start, window_end))
+                found.extend(await store.reconcile(window_start, window_end, org))
                 bar.update()
         return found
 
     # no statement timeout: one month of a big table can take minutes
     differences = _run(_with_pool(settings, compare, command_timeout=None))
     if not differences:
-        click.echo(f"reconciled {first} .. {last}: every aggregate matches usage_events")
+        scope = f" for {org}" if org else ""
+        click.echo(f"reconciled {first} .. {last}{scope}: every aggregate matches usage_events")
         return
     rows = [
         [

@@ -70,6 +70,7 @@ FROM usage_events e, aggregator_state s
 WHERE s.name = 'usage' AND e.ingest_xid >= s.watermark_xid
 """
 REAGGREGATE = "SELECT aggregate_usage($1, $2, $3, $4)"
+FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
 CHECK_ACCESS = "SELECT check_feature_access($1, $2, $3, $4)"
 
 
@@ -178,14 +179,19 @@ class AggregateStore:
         result: dict[str, Any] = json.loads(raw)
         return result
 
-    async def reconcile(self, start: date, end: date) -> list[asyncpg.Record]:
+    async def reconcile(
+        self, start: date, end: date, org_id: UUID | None = None
+    ) -> list[asyncpg.Record]:
         """Differences between stored aggregates and a recomputation from raw events, for
-        periods starting in [start, end). Empty means every number adds up.
+        periods starting in [start, end), of every organization or of `org_id`. Empty
+        means every number adds up.
 
         One statement over the window's events (about a month's for a one-month window);
         `metering reconcile` walks a long window month by month."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            return list(await conn.fetch(RECONCILE, start, end))
+            # a generic plan would keep `$3 IS NULL OR ..` and read every org's events
+            await conn.execute(FORCE_CUSTOM_PLAN)
+            return list(await conn.fetch(RECONCILE, start, end, org_id))
 
 
 def notified_set(mask: int, thresholds: tuple[int, ...] = THRESHOLDS) -> frozenset[int]:
@@ -214,7 +220,9 @@ def _crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:
 # The events read are those that can fall in a period starting in [$1, $2) in any zone
 # (offsets are within -12h..+14h of UTC): from a day before $1 to a day after the end of
 # the last month starting before $2, both in UTC whatever the session's TimeZone. So a
-# window of one month reads about one month of events.
+# window of one month reads about one month of events. $3, when not NULL, is the one
+# organization to check (its events found by the (org_id, occurred_at) index; the caller
+# plans the statement for its parameters, plan_cache_mode).
 RECONCILE = """
 WITH wm AS (
     SELECT watermark_xid FROM aggregator_state WHERE name = 'usage'
@@ -235,6 +243,7 @@ WITH wm AS (
       AND e.occurred_at >= ($1::date - 1)::timestamp AT TIME ZONE 'UTC'
       AND e.occurred_at < (date_trunc('month', ($2::date - 1)::timestamp)
                            + interval '1 month 1 day') AT TIME ZONE 'UTC'
+      AND ($3::uuid IS NULL OR e.org_id = $3)
 ), expected AS (
     SELECT org_id, event_type, period, period_start, count(*) AS event_count,
            CASE min(aggregation)
@@ -245,7 +254,8 @@ WITH wm AS (
     FROM ev GROUP BY org_id, event_type, period, period_start
 ), stored AS (
     SELECT org_id, event_type, period, period_start, value, event_count
-    FROM usage_aggregations WHERE period_start >= $1 AND period_start < $2
+    FROM usage_aggregations
+    WHERE period_start >= $1 AND period_start < $2 AND ($3::uuid IS NULL OR org_id = $3)
 )
 SELECT org_id, event_type, period, period_start,
        x.value AS expected_value, a.value AS stored_value,

@@ -182,8 +182,9 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
         org,
     )
     assert tampered >= 1
+    command = [sys.executable, "-m", "metering", "reconcile", "--from", first_day.isoformat()]
     result = subprocess.run(
-        [sys.executable, "-m", "metering", "reconcile", "--from", first_day.isoformat()],
+        command,
         env=settings_env(settings),
         cwd=ROOT,
         capture_output=True,
@@ -195,6 +196,17 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     assert str(org) in result.stdout and "api_call" in result.stdout
     assert f"{tampered} aggregates differ" in result.stderr
     assert result.stdout.count(str(org)) == tampered
+    for only, status in ((org, 1), (uuid.uuid4(), 0)):
+        scoped = subprocess.run(
+            [*command, "--org", str(only)],
+            env=settings_env(settings),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert scoped.returncode == status, scoped.stdout + scoped.stderr
+        assert scoped.stdout.count(str(org)) == (tampered if status else 0)
     await aggregate_store.reaggregate("month", start, end, org)
     assert await aggregates(db, org) == expected
     assert await aggregate_store.reconcile(first_day, now.date() + timedelta(days=1)) == []

@@ -269,9 +269,8 @@ def send(
     try:
         _run(one() if count is None else many(count))
     except DependencyUnavailable as error:
-        raise DependencyDown(
-            f"cannot reach Kafka: {error.reason}. Is it running? (`metering dev status` "
-            "shows the local one; the address is METERING_KAFKA_BOOTSTRAP_SERVERS)"
+        raise DependencyDown.unreachable(
+            f"cannot reach Kafka: {error.reason}", "METERING_KAFKA_BOOTSTRAP_SERVERS"
         ) from None
     except InvalidEvent as error:
         raise click.ClickException(f"invalid event ({error.code}): {error.reason}") from None
@@ -544,6 +543,14 @@ class DependencyDown(click.ClickException):
 
     exit_code = 3
 
+    @classmethod
+    def unreachable(cls, problem: str, address_variable: str) -> DependencyDown:
+        """`problem`, and where to look: the local services, or the configured address."""
+        return cls(
+            f"{problem}. Is it running? (`metering dev status` shows the local one; the "
+            f"address is {address_variable})"
+        )
+
 
 async def _with_pool(
     settings: Settings,
@@ -596,10 +603,9 @@ def _reaching_database(settings: Settings) -> Iterator[None]:
             "`metering migrate`; elsewhere create it, or fix METERING_DATABASE_URL"
         ) from None
     except refused as error:
-        raise DependencyDown(
-            f"cannot connect to PostgreSQL at {where}: {error or type(error).__name__}. "
-            "Is it running? (`metering dev status` shows the local one; the address is "
-            "METERING_DATABASE_URL)"
+        raise DependencyDown.unreachable(
+            f"cannot connect to PostgreSQL at {where}: {error or type(error).__name__}",
+            "METERING_DATABASE_URL",
         ) from None
 
 

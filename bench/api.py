@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from bench.common import ROOT, fresh_environment, machine, settings_env, start_metering
+from bench.common import ROOT, fresh_environment, machine, start_metering
 from metering.storage.keys import KeyStore
 
 SEED_USAGE = """
@@ -82,7 +82,7 @@ async def main(rate: int, seconds: float, events: int, workers: int) -> None:
     port = 18080
     server = subprocess.Popen(
         [sys.executable, "-m", "metering", "serve", "--port", str(port)],
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         stdout=(logs / "serve.log").open("wb"),
         stderr=subprocess.STDOUT,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import platform
 import random
 import subprocess
@@ -149,15 +148,10 @@ async def publish_fast(settings: Settings, messages: list[tuple[bytes, bytes]]) 
         await producer.stop()
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment a subprocess needs to see `settings`."""
-    return {**os.environ, **settings.environment()}
-
-
 def start_metering(settings: Settings, *args: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "metering", *args],
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,

@@ -26,7 +26,7 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
-from bench.common import ROOT, fresh_environment, machine, settings_env, start_metering
+from bench.common import ROOT, fresh_environment, machine, start_metering
 
 PERCENTILES = """
 WITH per_event AS (
@@ -71,7 +71,7 @@ async def main(rate: int, seconds: float) -> None:
             "--seconds",
             str(seconds),
         ],
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         capture_output=True,
         text=True,

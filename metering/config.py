@@ -6,7 +6,9 @@ inward; nothing else reads `os.environ`.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
@@ -97,10 +99,20 @@ class Settings(BaseSettings):
         }
         return {f"METERING_{name}": value for name, value in values.items()}
 
+    def child_environment(self) -> dict[str, str]:
+        """The environment for a child process that must run with these settings."""
+        return child_environment(self.environment())
+
     def admin_database_url(self) -> str:
         """The same server, database `postgres`: used to create the service database."""
         parts = urlsplit(self.database_url.get_secret_value())
         return parts._replace(path="/postgres").geturl()
+
+
+def child_environment(overrides: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment with `overrides`, for a child process (PATH, locale and
+    the rest pass through)."""
+    return {**os.environ, **overrides}
 
 
 def load_settings() -> Settings:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -132,11 +131,6 @@ async def db(migrated_database: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment a subprocess needs to see `settings`."""
-    return {**os.environ, **settings.environment()}
-
-
 class ConsumerProcess:
     """`metering consume` in a subprocess, so tests can SIGKILL it like a crash would."""
 
@@ -146,7 +140,7 @@ class ConsumerProcess:
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "metering", "consume", "--metrics-port", str(self.metrics_port)],
-            env=settings_env(settings),
+            env=settings.child_environment(),
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -237,7 +231,7 @@ def server(settings: Settings, tmp_path: Path) -> Iterator[Server]:
     log = tmp_path / "serve.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "metering", "serve", "--port", str(port)],
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -281,7 +275,7 @@ def start_aggregator(settings: Settings) -> Iterator[Callable[[], int]]:
         started.append(
             subprocess.Popen(
                 [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(port)],
-                env=settings_env(settings),
+                env=settings.child_environment(),
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from metering.config import Settings
+from metering.config import Settings, child_environment
 from metering.errors import DevEnvironmentError
 
 # Resolving the jars downloads from Maven Central: a network hiccup should cost a retry, not
@@ -301,7 +301,7 @@ class DevServices:
                 "PostgreSQL server not installed: run apt-get install postgresql"
             )
         _log("installing Debian's postgresql package (apt-get)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        env = child_environment({"DEBIAN_FRONTEND": "noninteractive"})
         for command in (
             ["apt-get", "update", "-q"],
             ["apt-get", "install", "-y", "-q", "postgresql"],

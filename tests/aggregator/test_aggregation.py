@@ -23,7 +23,7 @@ from metering.models import EventType, UsageEvent
 from metering.storage.aggregates import AggregateStore, notified_set
 from metering.storage.events import EventStore, IncomingEvent
 from tests.aggregator.conftest import Events, aggregates, subscribe
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.services
 NEW_YORK = "America/New_York"  # DST began 2026-03-08 02:00 local: that day has 23 hours
@@ -185,7 +185,7 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     command = [sys.executable, "-m", "metering", "reconcile", "--from", first_day.isoformat()]
     result = subprocess.run(
         command,
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -199,7 +199,7 @@ async def test_reaggregate_is_idempotent_and_reconcile_catches_tampering(
     for only, status in ((org, 1), (uuid.uuid4(), 0)):
         scoped = subprocess.run(
             [*command, "--org", str(only)],
-            env=settings_env(settings),
+            env=settings.child_environment(),
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -11,7 +10,7 @@ from itertools import pairwise
 import pytest
 
 from metering.cli import month_windows
-from metering.config import Settings
+from metering.config import Settings, child_environment
 from metering.devenv.services import DevServices
 from tests.conftest import ROOT, free_port
 
@@ -23,11 +22,9 @@ def metering(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "metering", *args],
-        env={
-            **os.environ,
-            "METERING_DATABASE_URL": database_url,
-            "METERING_KAFKA_BOOTSTRAP_SERVERS": kafka,
-        },
+        env=child_environment(
+            {"METERING_DATABASE_URL": database_url, "METERING_KAFKA_BOOTSTRAP_SERVERS": kafka}
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,

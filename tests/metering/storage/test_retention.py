@@ -14,7 +14,7 @@ import pytest
 from metering.config import Settings
 from metering.errors import RetentionTooShort
 from metering.storage.retention import apply_retention, raw_events_from
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.services
 
@@ -80,7 +80,7 @@ async def test_retention_drops_old_partitions_and_keys_only(
             "--to",
             "2019-04-01",
         ],
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -122,7 +122,7 @@ async def test_a_horizon_inside_the_lateness_window_is_refused(
     assert "counted twice" in caught.value.reason
     cli = subprocess.run(
         [sys.executable, "-m", "metering", "retention", "--keep", "7d"],
-        env=settings_env(settings),
+        env=settings.child_environment(),
         cwd=ROOT,
         capture_output=True,
         text=True,

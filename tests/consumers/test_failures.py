@@ -8,6 +8,7 @@ then requires the table to hold exactly the distinct valid events.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 
 import pytest
@@ -62,6 +63,7 @@ async def test_sigkill_mid_stream_then_restart(
     first = start_consumer(small_batches)
     await wait_until_partly_stored(migrated_database, stream, 0.3)
     first.kill()
+    assert first.process.returncode == -signal.SIGKILL, "the consumer must die by the kill"
     start_consumer(small_batches)
     await wait_until_complete_and_settled(migrated_database, stream)
 

@@ -2,34 +2,37 @@
 
 Each pass is one transaction (storage.aggregates.AggregateStore.run_pass). Crossings are
 written in that transaction (an outbox) and published to the limits topic after it
-commits; a crossing is marked published only after Kafka acknowledged it, so a crash
-between the two re-publishes it with the same deterministic id, and never loses it.
+commits, exactly once (aggregator.publisher: Kafka transactions, fencing, and a read-back
+of the topic after a restart). One aggregator leads at a time (storage.lease); others
+stand by and take over when its PostgreSQL session ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aggregator.limits import Crossing, LimitUsage, crossings
+from aggregator.publisher import CrossingPublisher
 from metering.config import Settings
+from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics, observe_many
 from metering.models import utc_now
 from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_postgres, retry_until_done
 from metering.storage.aggregates import AggregateStore, PassResult
+from metering.storage.lease import AggregatorLease
 from metering.storage.pool import create_pool
 
 T = TypeVar("T")
 log = logging.getLogger("metering.aggregator")
+STANDBY_POLL_SECONDS = 1.0
 
 
 def decide_crossings(usages: list[LimitUsage]) -> list[Crossing]:
@@ -43,18 +46,25 @@ class Aggregator:
         self,
         settings: Settings,
         store: AggregateStore,
-        producer: AIOKafkaProducer | None,
+        publisher: CrossingPublisher | None,
         metrics: AggregatorMetrics,
         idle_interval: float = 0.1,
+        lease: AggregatorLease | None = None,
     ) -> None:
+        """`publisher` None: crossings are recorded, not published. `lease` None: the
+        caller guarantees that no other aggregator runs (tests)."""
         self._settings = settings
         self._store = store
-        self._producer = producer
+        self._publisher = publisher
         self._metrics = metrics
         self._idle_interval = idle_interval
+        self._lease = lease
 
     async def run_once(self) -> PassResult:
-        """One pass, then publish what is pending; retried while a dependency is down."""
+        """One pass, then publish what is pending; retried while a dependency is down.
+        Raises AggregatorNotActive once this aggregator no longer leads."""
+        if self._lease is not None:
+            await self._lease.check()
         started = time.perf_counter()
         budget = self._settings.aggregator_max_pass_events
         result = await self._retry_db(lambda: self._store.run_pass(decide_crossings, budget))
@@ -76,42 +86,59 @@ class Aggregator:
                 crossing.used,
                 crossing.limit,
             )
-        if self._producer is not None:
+        if self._publisher is not None:
             await self.publish_pending()
         self._metrics.watermark_lag.set(await self._retry_db(self._store.watermark_lag_seconds))
         return result
 
     async def publish_pending(self) -> int:
-        """Publish unpublished crossings (acks=all), then mark them; return how many."""
-        assert self._producer is not None
-        producer = self._producer
+        """Publish every unpublished crossing, a batch per Kafka transaction, marking each
+        batch published after it committed; return how many were sent."""
         total = 0
-        while pending := await self._retry_db(self._store.unpublished):
-            await retry_until_done(
-                functools.partial(self._send_crossings, producer, pending),
-                dependency="kafka",
-                transient=KAFKA_TRANSIENT_ERRORS,
-                metrics=self._metrics.dependencies,
-                min_delay=self._settings.retry_min_seconds,
-                max_delay=self._settings.retry_max_seconds,
-            )
-            await self._retry_db(
-                functools.partial(self._store.mark_published, [c.id for c in pending])
-            )
-            self._metrics.published.inc(len(pending))
-            total += len(pending)
+        while sent := await retry_until_done(
+            self._publish_batch,
+            dependency="kafka",
+            transient=KAFKA_TRANSIENT_ERRORS,
+            metrics=self._metrics.dependencies,
+            min_delay=self._settings.retry_min_seconds,
+            max_delay=self._settings.retry_max_seconds,
+        ):
+            self._metrics.published.inc(sent)
+            total += sent
         return total
 
-    async def _send_crossings(self, producer: AIOKafkaProducer, batch: list[Crossing]) -> None:
-        futures = [
-            await producer.send(
+    async def _publish_batch(self) -> int:
+        publisher = self._publisher
+        assert publisher is not None
+        if not publisher.started:
+            await publisher.start()  # fences every older aggregator's producer
+            await self._mark_what_predecessors_published(publisher)
+        pending = await self._retry_db(self._store.unpublished)
+        if not pending:
+            return 0
+        try:
+            await publisher.publish(pending)
+        except KAFKA_TRANSIENT_ERRORS:
+            # the transaction's outcome may be unknown: the next attempt starts a new
+            # producer, which settles it, and reads back what it committed
+            await publisher.stop()
+            raise
+        await self._retry_db(functools.partial(self._store.mark_published, [c.id for c in pending]))
+        return len(pending)
+
+    async def _mark_what_predecessors_published(self, publisher: CrossingPublisher) -> None:
+        oldest = await self._retry_db(self._store.oldest_unpublished)
+        if oldest is None:
+            return
+        found = await publisher.published_since(oldest)
+        marked = await self._retry_db(functools.partial(self._store.mark_published, list(found)))
+        if marked:
+            log.info(
+                "%d crossings were already on %s (committed before a restart): marked "
+                "published, not sent again",
+                marked,
                 self._settings.limits_topic,
-                value=json.dumps(c.message()).encode(),
-                key=str(c.org_id).encode(),
             )
-            for c in batch
-        ]
-        await asyncio.gather(*futures)
 
     async def run_forever(self) -> None:
         while True:
@@ -128,7 +155,10 @@ class Aggregator:
 async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResult | None:
     """Run passes until cancelled (SIGINT/SIGTERM), or one pass with `once`.
 
-    Owns the pool, the producer and the metrics server, and closes them on the way out.
+    Leads or stands by: one aggregator at a time runs passes and publishes; another waits
+    for the lead and takes over when the leader's PostgreSQL session ends. With `once`,
+    raise AggregatorNotActive if another aggregator leads. Owns the pool, the lock
+    connection, the producer and the metrics server, and closes them on the way out.
     """
     registry = CollectorRegistry()
     metrics = AggregatorMetrics(registry)
@@ -143,38 +173,58 @@ async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResul
         settings=settings,
         metrics=metrics.dependencies,
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-    )
+    lease = AggregatorLease(settings)
+    publisher = CrossingPublisher(settings)
+    aggregator = Aggregator(settings, AggregateStore(pool), publisher, metrics, lease=lease)
     try:
-        await retry_until_done(
-            producer.start,
-            dependency="kafka",
-            transient=KAFKA_TRANSIENT_ERRORS,
-            metrics=metrics.dependencies,
-            min_delay=settings.retry_min_seconds,
-            max_delay=settings.retry_max_seconds,
-        )
-        aggregator = Aggregator(settings, AggregateStore(pool), producer, metrics)
         if once:
+            if not await _try_lead(settings, lease, metrics):
+                raise AggregatorNotActive("another aggregator leads", await lease.holder())
             return await aggregator.run_once()
-        log.info("aggregating into usage_aggregations; crossings to %s", settings.limits_topic)
         main = asyncio.current_task()
         assert main is not None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, main.cancel)
         try:
-            await aggregator.run_forever()
+            while True:
+                await _take_the_lead(settings, lease, metrics)
+                log.info(
+                    "leading: aggregating into usage_aggregations; crossings to %s",
+                    settings.limits_topic,
+                )
+                try:
+                    await aggregator.run_forever()
+                except AggregatorNotActive as lost:
+                    log.warning("%s; standing by", lost)
+                    metrics.active.set(0)
+                    await publisher.stop()
+                    await lease.release()
         except asyncio.CancelledError:
             # a pass cut short rolls back whole; the next start redoes it
             log.info("stopping: signal received")
         return None
     finally:
-        await producer.stop()
+        await publisher.stop()
+        await lease.release()
         await pool.close()
         if server is not None and thread is not None:
             server.shutdown()
             thread.join(timeout=5)
+
+
+async def _try_lead(settings: Settings, lease: AggregatorLease, metrics: AggregatorMetrics) -> bool:
+    return await retry_postgres(lease.try_acquire, settings=settings, metrics=metrics.dependencies)
+
+
+async def _take_the_lead(
+    settings: Settings, lease: AggregatorLease, metrics: AggregatorMetrics
+) -> None:
+    """Return once this process leads; until then poll every STANDBY_POLL_SECONDS."""
+    said = False
+    while not await _try_lead(settings, lease, metrics):
+        if not said:
+            log.info("standing by: another aggregator leads (%s)", await lease.holder())
+            said = True
+        await asyncio.sleep(STANDBY_POLL_SECONDS)
+    metrics.active.set(1)

@@ -106,6 +106,7 @@ async def main(rate: int, seconds: float) -> None:
         settings.limits_topic,
         bootstrap_servers=settings.kafka_bootstrap_servers,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",  # crossings are published in transactions
         enable_auto_commit=False,
         group_id=None,
     )

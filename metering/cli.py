@@ -19,7 +19,7 @@ import click
 from pydantic import ValidationError
 
 from metering.config import Settings, load_settings
-from metering.errors import MeteringError, RetentionTooShort
+from metering.errors import AggregatorNotActive, MeteringError, RetentionTooShort
 
 T = TypeVar("T")
 W = TypeVar("W", date, datetime)  # bounds of month_windows: dates or datetimes
@@ -297,14 +297,22 @@ def aggregate(ctx: click.Context, once: bool, metrics_port: int | None) -> None:
     """Keep usage_aggregations up to date and publish limit crossings, until Ctrl-C.
 
     Each pass aggregates the events stored since the last one (durable watermark), in one
-    transaction; a killed pass leaves nothing behind and is simply done again.
+    transaction; a killed pass leaves nothing behind and is simply done again. One
+    aggregator leads at a time: start a second one and it stands by, taking over within a
+    second or two when the first stops or loses PostgreSQL. `--once` refuses to run while
+    another aggregator leads (exit status 1: that one is doing the work).
     """
     from aggregator.service import run_aggregator
 
     settings = _settings(ctx)
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
-    result = _run(run_aggregator(settings, once=once))
+    try:
+        result = _run(run_aggregator(settings, once=once))
+    except AggregatorNotActive as error:
+        raise click.ClickException(
+            f"{error}. It runs these passes already; stop it to run one by hand."
+        ) from None
     if once and result is not None:
         click.echo(
             f"aggregated {result.events} events (transactions {result.from_xid}..{result.to_xid}); "

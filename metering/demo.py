@@ -54,6 +54,7 @@ async def publish_samples(settings: Settings, seconds: float = 60) -> None:
         settings.limits_topic,
         bootstrap_servers=settings.kafka_bootstrap_servers,
         auto_offset_reset="latest",
+        isolation_level="read_committed",  # crossings are published in transactions
         enable_auto_commit=False,
         group_id=None,
     )

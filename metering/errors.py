@@ -58,3 +58,16 @@ class MigrationError(MeteringError):
         super().__init__(f"migration {name} failed: {reason}")
         self.name = name
         self.reason = reason
+
+
+class AggregatorNotActive(MeteringError):
+    """Another aggregator holds the lead (one runs passes and publishes at a time), or this
+    one lost it: its lock connection to PostgreSQL dropped, or a newer aggregator's Kafka
+    producer fenced this one's. `holder` names the active one when known. Nothing is lost:
+    the active aggregator does the same work; a continuous aggregator stands by and takes
+    over when the lead is free."""
+
+    def __init__(self, reason: str, holder: str | None = None) -> None:
+        super().__init__(reason if holder is None else f"{reason}: {holder}")
+        self.reason = reason
+        self.holder = holder

@@ -122,6 +122,11 @@ class AggregatorMetrics:
             ["feature_key", "threshold"],
             registry=registry,
         )
+        self.active = Gauge(
+            "metering_aggregator_active",
+            "1 while this aggregator leads (runs passes, publishes), 0 while it stands by.",
+            registry=registry,
+        )
         self.published = Counter(
             "metering_limit_notifications_published",
             "Threshold crossings published to the limits topic.",

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
 from metering.config import Settings
@@ -202,6 +202,7 @@ async def read_topic(
         topic,
         bootstrap_servers=settings.kafka_bootstrap_servers,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",  # crossings are published in transactions
         enable_auto_commit=False,
         group_id=None,
     )
@@ -213,6 +214,38 @@ async def read_topic(
             batch = await consumer.getmany(timeout_ms=500)
             for partition_records in batch.values():
                 records.extend(partition_records)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def read_to_end(settings: Settings, topic: str, timeout: float = 30) -> list[Any]:
+    """Every committed record of `topic`, from its start to its end as of now."""
+    consumer = AIOKafkaConsumer(
+        topic,  # subscribed so that start() loads its partitions
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        partitions = [
+            TopicPartition(topic, n) for n in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+        assert partitions, f"{topic} has no partitions"
+        consumer.unsubscribe()
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout
+        pending = set(partitions)
+        while pending:
+            assert time.monotonic() < deadline, f"{topic} not read to its end in {timeout}s"
+            for partition_records in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(partition_records)
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
     finally:
         await consumer.stop()
     return records

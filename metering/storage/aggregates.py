@@ -63,7 +63,11 @@ SELECT id, org_id, feature_key, period, period_start, threshold_percent, used, l
        crossed_at
 FROM limit_notifications WHERE published_at IS NULL ORDER BY crossed_at LIMIT $1
 """
-MARK_PUBLISHED = "UPDATE limit_notifications SET published_at = now() WHERE id = ANY($1::uuid[])"
+MARK_PUBLISHED = """
+UPDATE limit_notifications SET published_at = now()
+WHERE id = ANY($1::uuid[]) AND published_at IS NULL
+"""
+OLDEST_UNPUBLISHED = "SELECT min(crossed_at) FROM limit_notifications WHERE published_at IS NULL"
 WATERMARK_LAG = """
 SELECT coalesce(extract(epoch FROM now() - min(e.received_at)), 0)::float8
 FROM usage_events e, aggregator_state s
@@ -153,9 +157,17 @@ class AggregateStore:
             for r in rows
         ]
 
-    async def mark_published(self, ids: list[UUID]) -> None:
+    async def mark_published(self, ids: list[UUID]) -> int:
+        """Mark these crossings published (those not marked yet); return how many were."""
         async with self._pool.acquire() as conn:
-            await conn.execute(MARK_PUBLISHED, ids)
+            status: str = await conn.execute(MARK_PUBLISHED, ids)
+        return int(status.rsplit(" ", 1)[1])
+
+    async def oldest_unpublished(self) -> datetime | None:
+        """When the oldest crossing not yet published was found (None: all published)."""
+        async with self._pool.acquire() as conn:
+            oldest: datetime | None = await conn.fetchval(OLDEST_UNPUBLISHED)
+        return oldest
 
     async def watermark_lag_seconds(self) -> float:
         async with self._pool.acquire() as conn:

@@ -4,36 +4,48 @@ notify for their own (past) period."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from aggregator.limits import Crossing
+from aggregator.publisher import CrossingPublisher
 from aggregator.service import Aggregator
 from metering.config import Settings
+from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics
 from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore
 from tests.aggregator.conftest import Events, subscribe
-from tests.conftest import ConsumerProcess, async_wait_for, read_topic
+from tests.conftest import (
+    ROOT,
+    ConsumerProcess,
+    async_wait_for,
+    free_port,
+    read_to_end,
+    read_topic,
+)
 
 pytestmark = pytest.mark.services
 
 
 async def publishing_aggregator(
     settings: Settings, store: AggregateStore
-) -> tuple[Aggregator, AIOKafkaProducer]:
+) -> tuple[Aggregator, CrossingPublisher]:
     """A fresh aggregator instance, as after a restart."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", enable_idempotence=True
-    )
-    await producer.start()
-    return Aggregator(settings, store, producer, AggregatorMetrics(CollectorRegistry())), producer
+    publisher = CrossingPublisher(settings)
+    metrics = AggregatorMetrics(CollectorRegistry())
+    return Aggregator(settings, store, publisher, metrics), publisher
 
 
 async def test_crossings_once_across_restart_and_reaggregation(
@@ -50,13 +62,13 @@ async def test_crossings_once_across_restart_and_reaggregation(
     month_start = now.date().replace(day=1)
     last_month = (month_start - timedelta(days=1)).replace(day=1)
 
-    aggregator, producer = await publishing_aggregator(settings, aggregate_store)
+    aggregator, publisher = await publishing_aggregator(settings, aggregate_store)
     await events.add("api_call", now.isoformat(), 850)  # 85% of 1000
     await rich_events.add("api_call", now.isoformat(), 10**9)  # unlimited: never
     await aggregator.run_once()
-    await producer.stop()
+    await publisher.stop()
 
-    aggregator, producer = await publishing_aggregator(settings, aggregate_store)  # "restart"
+    aggregator, publisher = await publishing_aggregator(settings, aggregate_store)  # "restart"
     await events.add("api_call", now.isoformat(), 100)  # 95%: 80 already sent
     await aggregator.run_once()
     await events.add("api_call", now.isoformat(), 60)  # 101%: 100 crossed
@@ -71,7 +83,7 @@ async def test_crossings_once_across_restart_and_reaggregation(
     late = datetime.combine(month_start, datetime.min.time(), UTC) - timedelta(hours=12)
     await events.add("api_call", late.isoformat(), 900)
     await aggregator.run_once()
-    await producer.stop()
+    await publisher.stop()
 
     records = await read_topic(settings, settings.limits_topic, expected=3, timeout=15)
     messages = [json.loads(m.value) for m in records]
@@ -139,3 +151,131 @@ async def test_event_reaches_access_check_through_both_processes(
     letters = await read_topic(settings, settings.limits_topic, expected=10**6, timeout=5)
     mine = [json.loads(m.value) for m in letters if m.key == str(org).encode()]
     assert [(m["feature_key"], m["threshold_percent"]) for m in mine] == [("max_records", 80)]
+
+
+async def recorded_crossing(
+    settings: Settings, db: asyncpg.Connection, event_store: EventStore, store: AggregateStore
+) -> Crossing:
+    """A new org at 85% of its api calls, its 80% crossing recorded and not published."""
+    org = uuid.uuid4()
+    await subscribe(db, org, "free")
+    await Events(event_store, org).add("api_call", datetime.now(UTC).isoformat(), 850)
+    await Aggregator(settings, store, None, AggregatorMetrics(CollectorRegistry())).run_once()
+    mine = [c for c in await store.unpublished(10**6) if c.org_id == org]
+    assert [c.threshold_percent for c in mine] == [80]
+    return mine[0]
+
+
+async def messages_of(settings: Settings, org: uuid.UUID) -> list[dict[str, object]]:
+    records = await read_to_end(settings, settings.limits_topic)
+    return [json.loads(r.value) for r in records if r.key == str(org).encode()]
+
+
+async def test_a_crossing_committed_before_a_crash_is_not_sent_again(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+) -> None:
+    crossing = await recorded_crossing(settings, db, event_store, aggregate_store)
+    crashed = CrossingPublisher(settings)
+    await crashed.start()
+    await crashed.publish([crossing])  # committed on Kafka; "dies" before marking it published
+
+    aggregator, publisher = await publishing_aggregator(settings, aggregate_store)
+    await aggregator.run_once()  # fences the crashed one, reads the topic back, marks
+    await publisher.stop()
+    await crashed.stop()
+
+    assert [m["id"] for m in await messages_of(settings, crossing.org_id)] == [str(crossing.id)]
+    published = "SELECT published_at IS NOT NULL FROM limit_notifications WHERE id = $1"
+    assert await db.fetchval(published, crossing.id)
+
+
+async def test_a_fenced_aggregator_publishes_nothing(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+) -> None:
+    crossing = await recorded_crossing(settings, db, event_store, aggregate_store)
+    older = CrossingPublisher(settings)
+    await older.start()
+    aggregator, publisher = await publishing_aggregator(settings, aggregate_store)
+    await aggregator.run_once()  # its publisher starts after the older one: fences it
+    with pytest.raises(AggregatorNotActive, match="fenced"):
+        await older.publish([crossing])
+    await older.stop()
+    await publisher.stop()
+
+    assert [m["id"] for m in await messages_of(settings, crossing.org_id)] == [str(crossing.id)]
+
+
+async def says(log: Path, text: str) -> bool:
+    return text in await asyncio.to_thread(log.read_text)
+
+
+def aggregate_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(free_port())],
+        env=settings.child_environment(),
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def test_one_aggregator_leads_the_other_stands_by_and_takes_over(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    migrated_database: str,
+    tmp_path: Path,
+) -> None:
+    org = uuid.uuid4()
+    await subscribe(db, org, "free")
+    events = Events(event_store, org)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = aggregate_process(settings, first_log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        await async_wait_for(lambda: says(first_log, "leading"), 30, "the first to lead")
+        second = aggregate_process(settings, second_log)
+        await async_wait_for(lambda: says(second_log, "standing by"), 30, "the second to stand by")
+        once = subprocess.run(
+            [sys.executable, "-m", "metering", "aggregate", "--once"],
+            env=settings.child_environment(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert once.returncode == 1, once.stdout + once.stderr
+        assert "another aggregator leads: metering aggregate on" in once.stderr
+
+        async def used(value: int) -> bool:
+            raw = await db.fetchval(
+                "SELECT check_feature_access(NULL, 'max_api_calls_per_month', $1)", org
+            )
+            return bool(json.loads(raw)["used"] == value)
+
+        await events.add("api_call", datetime.now(UTC).isoformat(), 850)
+        await async_wait_for(lambda: used(850), 30, "the leader to aggregate")
+        assert not await says(second_log, "leading")
+        first.kill()
+        first.wait(timeout=10)
+        await async_wait_for(lambda: says(second_log, "leading"), 30, "the take-over")
+        await events.add("api_call", datetime.now(UTC).isoformat(), 100)
+        await async_wait_for(lambda: used(950), 30, "the new leader to aggregate")
+        await async_wait_for(
+            lambda: messages_of(settings, org), 30, "the 80% crossing on the limits topic"
+        )
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+    assert [(m["threshold_percent"], m["used"]) for m in await messages_of(settings, org)] == [
+        (80, "850")
+    ]

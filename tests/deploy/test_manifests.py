@@ -81,7 +81,8 @@ def test_consumer_never_exceeds_the_partitions_and_probes_are_wired() -> None:
     assert found[("Service", "metering-api")]["spec"]["selector"] == {
         "app.kubernetes.io/name": "metering-api"
     }
-    assert found[("Deployment", "metering-aggregator")]["spec"]["replicas"] == 1
+    # a leader and a hot standby (tests/aggregator/test_notifications.py shows the take-over)
+    assert found[("Deployment", "metering-aggregator")]["spec"]["replicas"] == 2
     for kind, name in found:
         if kind == "Deployment":
             container = found[(kind, name)]["spec"]["template"]["spec"]["containers"][0]

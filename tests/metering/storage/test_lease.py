@@ -1,0 +1,37 @@
+"""The aggregator's lead on the real PostgreSQL: one holder per database, freed when its
+session ends."""
+
+from __future__ import annotations
+
+import pytest
+
+from metering.config import Settings
+from metering.errors import AggregatorNotActive
+from metering.storage.lease import AggregatorLease
+
+pytestmark = pytest.mark.services
+
+
+async def test_one_lead_per_database_freed_when_its_session_ends(
+    settings: Settings, migrated_database: str
+) -> None:
+    first, second = AggregatorLease(settings), AggregatorLease(settings)
+    second.name = "metering aggregate on elsewhere (pid 2)"
+    try:
+        assert await first.try_acquire()
+        assert await first.try_acquire()  # taking it again on its own session is harmless
+        assert not await second.try_acquire()
+        assert await second.holder() == f"{first.name} from 127.0.0.1"
+        await first.check()
+        with pytest.raises(AggregatorNotActive, match="no longer held"):
+            await second.check()
+
+        await first.release()  # as when the process dies: its session ends
+        with pytest.raises(AggregatorNotActive):
+            await first.check()
+        assert await second.try_acquire()
+        assert not await first.try_acquire()
+        assert (await first.holder()).startswith("metering aggregate on elsewhere (pid 2)")
+    finally:
+        await first.release()
+        await second.release()

@@ -111,6 +111,8 @@ class Aggregator:
         publisher = self._publisher
         assert publisher is not None
         if not publisher.started:
+            if self._lease is not None:
+                await self._lease.check()  # else starting would fence the leader's producer
             await publisher.start()  # fences every older aggregator's producer
             await self._mark_what_predecessors_published(publisher)
         pending = await self._retry_db(self._store.unpublished)

@@ -32,7 +32,6 @@ from metering.storage.pool import create_pool
 
 T = TypeVar("T")
 log = logging.getLogger("metering.aggregator")
-STANDBY_POLL_SECONDS = 1.0
 
 
 def decide_crossings(usages: list[LimitUsage]) -> list[Crossing]:
@@ -222,11 +221,8 @@ async def _try_lead(settings: Settings, lease: AggregatorLease, metrics: Aggrega
 async def _take_the_lead(
     settings: Settings, lease: AggregatorLease, metrics: AggregatorMetrics
 ) -> None:
-    """Return once this process leads; until then poll every STANDBY_POLL_SECONDS."""
-    said = False
-    while not await _try_lead(settings, lease, metrics):
-        if not said:
-            log.info("standing by: another aggregator leads (%s)", await lease.holder())
-            said = True
-        await asyncio.sleep(STANDBY_POLL_SECONDS)
+    """Return once this process leads; until then wait for the leader's session to end."""
+    if not await _try_lead(settings, lease, metrics):
+        log.info("standing by: another aggregator leads (%s)", await lease.holder())
+        await retry_postgres(lease.wait, settings=settings, metrics=metrics.dependencies)
     metrics.active.set(1)

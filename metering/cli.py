@@ -298,8 +298,8 @@ def aggregate(ctx: click.Context, once: bool, metrics_port: int | None) -> None:
 
     Each pass aggregates the events stored since the last one (durable watermark), in one
     transaction; a killed pass leaves nothing behind and is simply done again. One
-    aggregator leads at a time: start a second one and it stands by, taking over within a
-    second or two when the first stops or loses PostgreSQL. `--once` refuses to run while
+    aggregator leads at a time: start a second one and it stands by, taking over as soon as
+    the first stops or its PostgreSQL session ends. `--once` refuses to run while
     another aggregator leads (exit status 1: that one is doing the work).
     """
     from aggregator.service import run_aggregator

@@ -19,6 +19,7 @@ from metering.errors import AggregatorNotActive
 # to the current database; any constant would do: these are the 64 bits of 'metering').
 AGGREGATOR_LOCK_KEY = 0x6D65746572696E67
 TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
+WAIT_FOR_LOCK = "SELECT pg_advisory_lock($1)"
 STILL_HELD = """
 SELECT EXISTS (SELECT 1 FROM pg_locks
                WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
@@ -44,12 +45,35 @@ class AggregatorLease:
     async def try_acquire(self) -> bool:
         """Take the lead if it is free; False when another aggregator holds it. Connection
         errors propagate (the caller retries them as PostgreSQL being down)."""
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
-                self._dsn, server_settings={"application_name": self.name[:63]}
-            )
+        await self._connect()
+        assert self._conn is not None
         held: bool = await self._conn.fetchval(TRY_LOCK, AGGREGATOR_LOCK_KEY)
         return held
+
+    async def _connect(self) -> None:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                self._dsn,
+                # A standby waits for the lock as long as the leader lives. The server probes
+                # an idle lock session every 10 s (3 probes 5 s apart), so a leader whose
+                # host vanished frees the lead within ~25 s, not after the kernel's 2 hours.
+                server_settings={
+                    "application_name": self.name[:63],
+                    "lock_timeout": "0",
+                    "statement_timeout": "0",
+                    "tcp_keepalives_idle": "10",
+                    "tcp_keepalives_interval": "5",
+                    "tcp_keepalives_count": "3",
+                },
+                command_timeout=None,
+            )
+
+    async def wait(self) -> None:
+        """Wait until the lead is free and take it: PostgreSQL grants the lock the moment
+        the holder's session ends. Connection errors propagate (retry them)."""
+        await self._connect()
+        assert self._conn is not None
+        await self._conn.execute(WAIT_FOR_LOCK, AGGREGATOR_LOCK_KEY)
 
     async def holder(self) -> str:
         """Who holds the lead, for the log ("unknown" if it was just released)."""

@@ -3,6 +3,8 @@ session ends."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from metering.config import Settings
@@ -35,3 +37,20 @@ async def test_one_lead_per_database_freed_when_its_session_ends(
     finally:
         await first.release()
         await second.release()
+
+
+async def test_a_standby_waits_for_the_lead_and_gets_it_when_the_leader_goes(
+    settings: Settings, migrated_database: str
+) -> None:
+    leader, standby = AggregatorLease(settings), AggregatorLease(settings)
+    try:
+        assert await leader.try_acquire()
+        waiting = asyncio.create_task(standby.wait())
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "the standby must not lead while the leader's session lives"
+        await leader.release()
+        await asyncio.wait_for(waiting, 10)
+        await standby.check()
+    finally:
+        await leader.release()
+        await standby.release()

@@ -22,6 +22,7 @@ from aggregator.limits import Crossing
 from aggregator.publisher import CrossingPublisher
 from aggregator.service import Aggregator
 from metering.config import Settings
+from metering.devenv.services import DevServices
 from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics
 from metering.storage.aggregates import AggregateStore
@@ -279,3 +280,33 @@ async def test_one_aggregator_leads_the_other_stands_by_and_takes_over(
     assert [(m["threshold_percent"], m["used"]) for m in await messages_of(settings, org)] == [
         (80, "850")
     ]
+
+
+async def test_crossings_once_when_kafka_restarts_under_the_publisher(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    dev_services: DevServices,
+) -> None:
+    crossings = [
+        await recorded_crossing(settings, db, event_store, aggregate_store) for _ in range(5)
+    ]
+    aggregator, publisher = await publishing_aggregator(settings, aggregate_store)
+    await aggregator.run_once()  # the producer is started and publishing works
+    more = [await recorded_crossing(settings, db, event_store, aggregate_store) for _ in range(5)]
+    await asyncio.to_thread(dev_services.stop_kafka)
+    publishing = asyncio.create_task(aggregator.publish_pending())
+    await asyncio.sleep(2)
+    assert not publishing.done(), "with the broker down it must keep retrying"
+    await asyncio.to_thread(dev_services.start_kafka)
+    await asyncio.wait_for(publishing, 90)
+    await publisher.stop()
+
+    for crossing in crossings + more:
+        ids = [m["id"] for m in await messages_of(settings, crossing.org_id)]
+        assert ids == [str(crossing.id)]
+    unpublished = (
+        "SELECT count(*) FROM limit_notifications WHERE id = ANY($1) AND published_at IS NULL"
+    )
+    assert await db.fetchval(unpublished, [c.id for c in crossings + more]) == 0

@@ -34,6 +34,7 @@ from aiokafka.errors import ProducerFenced, UnknownTopicOrPartitionError
 from aggregator.limits import Crossing
 from metering.config import Settings
 from metering.errors import AggregatorNotActive
+from metering.topics import committed_reader
 
 log = logging.getLogger("metering.aggregator")
 
@@ -111,13 +112,7 @@ class CrossingPublisher:
         """The ids of every committed message on the limits topic with a timestamp from
         `since - READ_BACK_MARGIN` on. Kafka errors and a read that does not reach the end
         within READ_BACK_TIMEOUT_SECONDS propagate (TimeoutError); retry them."""
-        consumer = AIOKafkaConsumer(
-            self._settings.limits_topic,  # subscribed so that start() loads its partitions
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            group_id=None,
-        )
+        consumer = committed_reader(self._settings, self._settings.limits_topic)
         await consumer.start()
         try:
             return await _read_ids(consumer, self._settings.limits_topic, since - READ_BACK_MARGIN)

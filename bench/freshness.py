@@ -30,6 +30,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from bench.common import ROOT, fresh_environment, machine, start_metering
+from metering.topics import committed_reader
 
 PERCENTILES = """
 WITH per_event AS (
@@ -71,14 +72,7 @@ async def main(rate: int, seconds: float) -> None:
         settings, "aggregate", "--metrics-port", "0", log=logs / "aggregate.log"
     )
     await asyncio.sleep(5)  # both joined and idle
-    reader = AIOKafkaConsumer(
-        settings.limits_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",  # crossings are published in transactions
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    reader = committed_reader(settings, settings.limits_topic)
     await reader.start()
     seen: dict[str, tuple[float, float]] = {}  # org -> (received, Kafka timestamp), at 80%
     reading = asyncio.create_task(read_crossings(reader, seen))

@@ -19,6 +19,7 @@ from metering.client import UsageClient
 from metering.config import Settings
 from metering.storage.aggregates import AggregateStore
 from metering.storage.reads import SubscriptionStore
+from metering.topics import committed_reader
 
 DEMO_ORGS = {
     "free": uuid.UUID("00000000-0000-4000-8000-000000000001"),
@@ -50,14 +51,7 @@ async def publish_samples(settings: Settings, seconds: float = 60) -> None:
     if pool is None:
         say("PostgreSQL is not reachable; run `metering dev up` first")
         return
-    limits = AIOKafkaConsumer(
-        settings.limits_topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="latest",
-        isolation_level="read_committed",  # crossings are published in transactions
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    limits = committed_reader(settings, settings.limits_topic, offset_reset="latest")
     try:
         await limits.start()
         subscriptions = SubscriptionStore(pool)

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -104,3 +105,19 @@ async def delete_topics(settings: Settings, names: list[str]) -> list[str]:
     """Delete the named topics that exist (tests delete the ones they made); return them."""
     wanted = set(names)
     return await _delete_where(settings, wanted.__contains__)
+
+
+def committed_reader(
+    settings: Settings, topic: str, *, offset_reset: str = "earliest"
+) -> AIOKafkaConsumer:
+    """A consumer of `topic` outside any group, committing nothing, that sees only committed
+    messages: how the limits topic must be read, since crossings are published in Kafka
+    transactions (a read_uncommitted reader would also see aborted ones)."""
+    return AIOKafkaConsumer(
+        topic,  # subscribed, so start() loads its partitions
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset=offset_reset,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        group_id=None,
+    )

@@ -18,13 +18,19 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from pydantic import SecretStr
 
 from metering.config import Settings
 from metering.devenv.services import DevServices
 from metering.storage.keys import KeyStore
-from metering.topics import TopicSpec, delete_topics, ensure_topics, topic_specs
+from metering.topics import (
+    TopicSpec,
+    committed_reader,
+    delete_topics,
+    ensure_topics,
+    topic_specs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE = "metering_test"
@@ -198,14 +204,7 @@ async def read_topic(
     settings: Settings, topic: str, expected: int, timeout: float = 30
 ) -> list[Any]:
     """Read `expected` records from the start of `topic` (fails if fewer arrive)."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",  # crossings are published in transactions
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = committed_reader(settings, topic)
     await consumer.start()
     records: list[Any] = []
     try:
@@ -221,13 +220,7 @@ async def read_topic(
 
 async def read_to_end(settings: Settings, topic: str, timeout: float = 30) -> list[Any]:
     """Every committed record of `topic`, from its start to its end as of now."""
-    consumer = AIOKafkaConsumer(
-        topic,  # subscribed so that start() loads its partitions
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        group_id=None,
-    )
+    consumer = committed_reader(settings, topic)
     await consumer.start()
     records: list[Any] = []
     try:

@@ -172,13 +172,19 @@ async def messages_of(settings: Settings, org: uuid.UUID) -> list[dict[str, obje
     return [json.loads(r.value) for r in records if r.key == str(org).encode()]
 
 
-async def test_a_crossing_committed_before_a_crash_is_not_sent_again(
+@pytest.fixture
+async def crossing(
     settings: Settings,
     db: asyncpg.Connection,
     event_store: EventStore,
     aggregate_store: AggregateStore,
+) -> Crossing:
+    return await recorded_crossing(settings, db, event_store, aggregate_store)
+
+
+async def test_a_crossing_committed_before_a_crash_is_not_sent_again(
+    settings: Settings, db: asyncpg.Connection, aggregate_store: AggregateStore, crossing: Crossing
 ) -> None:
-    crossing = await recorded_crossing(settings, db, event_store, aggregate_store)
     crashed = CrossingPublisher(settings)
     await crashed.start()
     await crashed.publish([crossing])  # committed on Kafka; "dies" before marking it published
@@ -194,12 +200,8 @@ async def test_a_crossing_committed_before_a_crash_is_not_sent_again(
 
 
 async def test_a_fenced_aggregator_publishes_nothing(
-    settings: Settings,
-    db: asyncpg.Connection,
-    event_store: EventStore,
-    aggregate_store: AggregateStore,
+    settings: Settings, aggregate_store: AggregateStore, crossing: Crossing
 ) -> None:
-    crossing = await recorded_crossing(settings, db, event_store, aggregate_store)
     older = CrossingPublisher(settings)
     await older.start()
     aggregator, publisher = await publishing_aggregator(settings, aggregate_store)

@@ -88,14 +88,14 @@ class AggregatorLease:
         session is alive). Called before each pass: a pass that starts after the lead was
         lost would still be correct (passes serialise on the watermark row), but the
         crossings it records are for the active aggregator to publish."""
+        if self._conn is None or self._conn.is_closed():
+            raise AggregatorNotActive("lost the lead: its PostgreSQL session ended")
         try:
-            held = (
-                self._conn is not None
-                and not self._conn.is_closed()
-                and bool(await self._conn.fetchval(STILL_HELD, AGGREGATOR_LOCK_KEY))
-            )
+            held = bool(await self._conn.fetchval(STILL_HELD, AGGREGATOR_LOCK_KEY))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            raise AggregatorNotActive(f"lock connection lost ({type(error).__name__})") from None
+            raise AggregatorNotActive(
+                f"lost the lead: its PostgreSQL session ended ({type(error).__name__})"
+            ) from None
         if not held:
             raise AggregatorNotActive("the aggregator's lock is no longer held by this process")
 

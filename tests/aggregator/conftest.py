@@ -6,10 +6,14 @@ shared, which is fine: a pass aggregates whatever is new, for every organization
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -21,6 +25,7 @@ from metering.metrics import AggregatorMetrics
 from metering.models import EventType, UsageEvent
 from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore, IncomingEvent
+from tests.conftest import ROOT, free_port
 
 
 @pytest.fixture
@@ -102,3 +107,17 @@ async def aggregates(
         )
         for r in rows
     }
+
+
+async def says(log: Path, text: str) -> bool:
+    return text in await asyncio.to_thread(log.read_text)
+
+
+def aggregate_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(free_port())],
+        env=settings.child_environment(),
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )

@@ -27,12 +27,11 @@ from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics
 from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore
-from tests.aggregator.conftest import Events, subscribe
+from tests.aggregator.conftest import Events, aggregate_process, says, subscribe
 from tests.conftest import (
     ROOT,
     ConsumerProcess,
     async_wait_for,
-    free_port,
     read_to_end,
     read_topic,
 )
@@ -212,20 +211,6 @@ async def test_a_fenced_aggregator_publishes_nothing(
     await publisher.stop()
 
     assert [m["id"] for m in await messages_of(settings, crossing.org_id)] == [str(crossing.id)]
-
-
-async def says(log: Path, text: str) -> bool:
-    return text in await asyncio.to_thread(log.read_text)
-
-
-def aggregate_process(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "metering", "aggregate", "--metrics-port", str(free_port())],
-        env=settings.child_environment(),
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
 
 
 async def test_one_aggregator_leads_the_other_stands_by_and_takes_over(

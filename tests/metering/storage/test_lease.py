@@ -29,7 +29,7 @@ async def test_one_lead_per_database_freed_when_its_session_ends(
             await second.check()
 
         await first.release()  # as when the process dies: its session ends
-        with pytest.raises(AggregatorNotActive):
+        with pytest.raises(AggregatorNotActive, match="session ended"):
             await first.check()
         assert await second.try_acquire()
         assert not await first.try_acquire()

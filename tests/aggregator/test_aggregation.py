@@ -91,7 +91,8 @@ async def test_pass_run_twice_changes_nothing(
 ) -> None:
     org = uuid.uuid4()
     events = Events(event_store, org)
-    now = datetime.now(UTC)
+    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    now = max(datetime.now(UTC), midnight + timedelta(minutes=5))  # five minutes of one day
     for n in range(5):
         await events.add("api_call", (now - timedelta(minutes=n)).isoformat(), 2)
     await aggregator.run_once()
@@ -389,7 +390,7 @@ async def test_reaggregate_writes_only_what_differs(
     assert await aggregate_store.reaggregate("day", start, end, org) == 2
     assert sorted(await db.fetch(stamps, org)) == untouched  # right already: nothing written
 
-    yesterday = (now - timedelta(days=1)).date()
+    yesterday = (now.astimezone(ZoneInfo(NEW_YORK)) - timedelta(days=1)).date()  # org's day
     await db.execute(  # rows with no events behind them: a wrong row and a phantom user
         "INSERT INTO usage_aggregations (org_id, event_type, period, period_start, value, "
         "event_count) VALUES ($1, 'api_call', 'day', $2, 5, 1)",

@@ -186,7 +186,9 @@ async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResul
         assert main is not None
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, main.cancel)
+            # Once: Ctrl-C reaches the whole process group and `metering run` sends SIGTERM
+            # after it; a second cancel would cut short the close of the lock session.
+            loop.add_signal_handler(signum, _cancel_once, main)
         try:
             while True:
                 await _take_the_lead(settings, lease, metrics)
@@ -212,6 +214,11 @@ async def run_aggregator(settings: Settings, *, once: bool = False) -> PassResul
         if server is not None and thread is not None:
             server.shutdown()
             thread.join(timeout=5)
+
+
+def _cancel_once(task: asyncio.Task[object]) -> None:
+    if not task.cancelling():
+        task.cancel()
 
 
 async def _try_lead(settings: Settings, lease: AggregatorLease, metrics: AggregatorMetrics) -> bool:

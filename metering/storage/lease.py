@@ -7,6 +7,7 @@ session ends, so a crashed or cut-off aggregator frees the lead by itself.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
@@ -100,6 +101,16 @@ class AggregatorLease:
             raise AggregatorNotActive("the aggregator's lock is no longer held by this process")
 
     async def release(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()  # ends the session, which releases the lock
-        self._conn = None
+        """End the lock session, which releases the lead; never raises. A session that will
+        not close cleanly (a query still being cancelled, the server gone) is cut off: the
+        server releases the lock when it notices."""
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=5)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn.terminate()
+        except asyncio.CancelledError:
+            conn.terminate()
+            raise

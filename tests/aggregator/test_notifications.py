@@ -5,7 +5,9 @@ notify for their own (past) period."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -267,6 +269,41 @@ async def test_one_aggregator_leads_the_other_stands_by_and_takes_over(
     assert [(m["threshold_percent"], m["used"]) for m in await messages_of(settings, org)] == [
         (80, "850")
     ]
+
+
+async def test_ctrl_c_stops_the_leader_cleanly_and_hands_the_lead_over(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches every process of `metering run`, and the supervisor's SIGTERM follows
+    it: the second signal must not cut short the leader's shutdown (closing its lock
+    session), which would print a traceback and leave the standby waiting for the server to
+    notice a dead session."""
+    logs = [tmp_path / f"aggregate-{n}.log" for n in range(3)]
+    processes = [aggregate_process(settings, logs[0])]
+    try:
+        await async_wait_for(lambda: says(logs[0], "leading"), 30, "the first to lead")
+        for n in (1, 2):
+            standby_log = logs[n]
+            processes.append(aggregate_process(settings, standby_log))
+            await async_wait_for(
+                functools.partial(says, standby_log, "standing by"), 30, "a standby"
+            )
+            leader = processes[n - 1]
+            leader.send_signal(signal.SIGINT)
+            await asyncio.sleep(0.003)  # inside the leader's shutdown
+            leader.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(leader.wait, 30) == 0
+            output = logs[n - 1].read_text()
+            assert "stopping: signal received" in output
+            assert "Traceback" not in output, output
+            await async_wait_for(
+                functools.partial(says, standby_log, "leading"), 10, "the standby to lead"
+            )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
 
 
 async def test_crossings_once_when_kafka_restarts_under_the_publisher(

@@ -101,9 +101,9 @@ class AggregatorLease:
             raise AggregatorNotActive("the aggregator's lock is no longer held by this process")
 
     async def release(self) -> None:
-        """End the lock session, which releases the lead; never raises. A session that will
-        not close cleanly (a query still being cancelled, the server gone) is cut off: the
-        server releases the lock when it notices."""
+        """End the lock session, which releases the lead. A session that will not close
+        cleanly (a query still being cancelled, the server gone) is cut off instead, and the
+        server releases the lock when it notices; only a cancellation propagates."""
         conn, self._conn = self._conn, None
         if conn is None or conn.is_closed():
             return

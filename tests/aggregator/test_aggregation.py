@@ -91,8 +91,8 @@ async def test_pass_run_twice_changes_nothing(
 ) -> None:
     org = uuid.uuid4()
     events = Events(event_store, org)
-    midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    now = max(datetime.now(UTC), midnight + timedelta(minutes=5))  # five minutes of one day
+    wall = datetime.now(UTC)
+    now = max(wall, wall.replace(hour=0, minute=5, second=0, microsecond=0))  # one day's minutes
     for n in range(5):
         await events.add("api_call", (now - timedelta(minutes=n)).isoformat(), 2)
     await aggregator.run_once()

@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.limit_history [--months 24] [--rounds 15]
 
-A pass checks the limits its new events touched (`touched_limit_usage`): for each, the
-thresholds already recorded in that period, then the usage of those that can still notify.
+A pass checks the limits its new events touched (`touched_limit_usage`): the usage of each
+(from the month rows the pass wrote), then, for those that reach a threshold, the thresholds
+already recorded in that period.
 `limit_notifications` keeps every crossing ever recorded, two per (org, feature, month) for
 an organization that reaches its limits every month. This times the check of one pass that
 touches every organization's current month, first with this month's notifications only,
@@ -28,7 +29,7 @@ from bench.common import fresh_environment, machine
 from metering.storage.aggregates import AggregateStore
 
 TOUCHED_THIS_MONTH = """
-SELECT array_agg(org_id), array_agg(event_type), array_agg(period_start)
+SELECT array_agg(org_id), array_agg(event_type), array_agg(period_start), array_agg(value)
 FROM usage_aggregations
 WHERE period = 'month'
   AND period_start = (SELECT max(period_start) FROM usage_aggregations WHERE period = 'month')
@@ -44,7 +45,7 @@ CROSS JOIN (SELECT DISTINCT limit_key FROM event_types WHERE NOT lifetime) t
 CROSS JOIN generate_series(2, $1 + 1) AS m
 CROSS JOIN unnest($2::int[]) AS p
 """
-CHECK = "SELECT * FROM touched_limit_usage($1, $2, $3, $4) ORDER BY 1, 2, 3, 4"
+CHECK = "SELECT * FROM touched_limit_usage($1, $2, $3, $4, $5) ORDER BY 1, 2, 3, 4"
 
 
 async def time_check(
@@ -53,7 +54,9 @@ async def time_check(
     times, rows = [], []
     for _ in range(rounds + 1):  # the first call plans and warms the caches: not counted
         started = time.perf_counter()
-        rows = await conn.fetch(CHECK, touched[0], touched[1], touched[2], list(THRESHOLDS))
+        rows = await conn.fetch(
+            CHECK, touched[0], touched[1], touched[2], touched[3], list(THRESHOLDS)
+        )
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:]), rows
 

@@ -34,8 +34,9 @@ SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,
 FROM state s
 """
 # Aggregates the new events and returns the usage of every limited feature in the months
-# they touched, with the thresholds already recorded (a bit mask over $3); limits with
-# every threshold recorded are left out (migrations 009 and 011).
+# they touched that reaches the lowest of the thresholds $3, with the thresholds already
+# recorded (a bit mask over $3); limits with every threshold recorded are left out
+# (migrations 009, 011 and 012).
 AGGREGATION_PASS = "SELECT * FROM aggregation_pass($1, $2, $3)"
 # The end of a pass, in one statement: record the crossings (ids are deterministic, so a
 # crossing recorded before is not recorded again and not returned), move the watermark and
@@ -99,7 +100,8 @@ class AggregateStore:
         the transactions finished since the last pass (with `max_events`, the consumer's
         only while fewer than that many events come before them; `caught_up` says whether
         a finished one was left for the next pass), record the threshold crossings
-        `decide(usages)` returns, and move the watermark. Killed half way, nothing of it
+        `decide(usages)` returns (usages: the touched limits that reach a threshold and are
+        not fully notified), and move the watermark. Killed half way, nothing of it
         stays and the next pass does the same work: no event is ever counted twice.
         """
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from aggregator.limits import Crossing, LimitUsage
+from aggregator.limits import THRESHOLDS, Crossing, LimitUsage, thresholds_reached
 from aggregator.service import Aggregator, decide_crossings
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics
@@ -528,70 +528,58 @@ async def test_quarter_hour_holding_a_local_midnight_is_split_exactly(
 
 
 async def test_limit_usage_of_a_pass_agrees_with_the_access_check(
-    db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregator: Aggregator,
+    aggregate_store: AggregateStore,
 ) -> None:
-    """touched_limit_usage (what the pass checks) gives the numbers usage_for_limit (what
-    the access check shows) gives, for every kind of meter, lists recorded thresholds, and
-    leaves out a limit whose every threshold is recorded."""
+    """The usage a pass hands to `decide` (computed from the month rows the pass wrote,
+    migration 012) is the usage usage_for_limit (what the access check shows) gives, for
+    every kind of meter and for a past month; a limit below the lowest threshold is not
+    handed over at all."""
     await aggregator.run_once()
     org = uuid.uuid4()
-    await subscribe(db, org, "pro", "UTC")  # limits high enough that nothing is crossed
+    await subscribe(db, org, "free", "UTC")  # low limits: every meter reaches 80%
     events = Events(event_store, org)
     now = datetime.now(UTC)
     month = now.date().replace(day=1)
     last_month = (month - timedelta(days=1)).replace(day=1)
     earlier = datetime.combine(last_month, datetime.min.time(), UTC) + timedelta(days=3)
-    await events.add("api_call", now.isoformat(), 700)
-    await events.add("api_call", earlier.isoformat(), 50)
+    await events.add("api_call", now.isoformat(), 900)  # of 1,000
+    await events.add("api_call", earlier.isoformat(), 50)  # 5% last month: below 80%
     await events.add("record_created", now.isoformat(), 30)
-    await events.add("record_created", earlier.isoformat(), 40)  # lifetime: both months
-    await events.add("storage_used", earlier.isoformat(), 2_500_000_000)  # GB, last month
-    await events.add("user_active", now.isoformat(), user=uuid.uuid4())
-    await aggregator.run_once()
-    await db.execute(
-        "INSERT INTO limit_notifications (id, org_id, feature_key, period, period_start, "
-        "threshold_percent, used, limit_value, crossed_at, published_at) "
-        "VALUES ($1, $2, 'max_api_calls_per_month', 'month', $3, 80, 700, 1000, now(), now())",
-        uuid.uuid4(),
-        org,
-        month,
-    )
-    await db.execute(
-        "INSERT INTO limit_notifications (id, org_id, feature_key, period, period_start, "
-        "threshold_percent, used, limit_value, crossed_at, published_at) "
-        "SELECT gen_random_uuid(), $1, 'max_automations', 'month', $2, t, 1, 1, "
-        "now(), now() FROM unnest(ARRAY[80, 100]) AS t",
-        org,
-        month,
-    )
-    touched = [
-        (org, "automation_run", month),  # every threshold recorded: nothing left to check
-        (org, "api_call", month),
-        (org, "api_call", last_month),
-        (org, "record_created", month),
-        (org, "record_created", last_month),
-        (org, "storage_used", month),  # no reading this month: the latest before it counts
-        (org, "user_active", month),
-    ]
-    rows = await db.fetch(
-        "SELECT * FROM touched_limit_usage($1, $2, $3, $4)",
-        *([t[i] for t in touched] for i in range(3)),
-        [80, 100],
-    )
-    found = {(r["feature_key"], r["period_start"]): r for r in rows}
-    assert len(rows) == len(found) == 5  # the lifetime limit is one row
-    assert ("max_automations", month) not in found  # 80 and 100 recorded: cannot notify again
-    for (feature, start), row in found.items():
+    await events.add("record_created", earlier.isoformat(), 55)  # lifetime: 85 of 100
+    await events.add("automation_run", now.isoformat(), 10)  # of 10
+    await events.add("schedule_executed", now.isoformat(), 8)  # of 10
+    await events.add("ai_tokens_used", now.isoformat(), 9_000)  # of 10,000
+    await events.add("storage_used", earlier.isoformat(), 2_500_000_000)  # 2.5 of 1 GB
+    await events.add("storage_used", now.isoformat(), 900_000_000)  # 0.9 GB this month
+    for _ in range(85):  # of 100
+        await events.add("user_active", now.isoformat(), user=uuid.uuid4())
+    seen: list[LimitUsage] = []
+
+    def capture(usages: list[LimitUsage]) -> list[Crossing]:
+        seen.extend(u for u in usages if u.org_id == org)
+        return []
+
+    await aggregate_store.run_pass(capture)
+    found = {(u.feature_key, u.period_start): u.used for u in seen}
+    assert len(seen) == len(found)  # the lifetime limit is one row
+    assert found == {
+        ("max_api_calls_per_month", month): 900,
+        ("max_records", None): 85,
+        ("max_automations", month): 10,
+        ("max_schedules", month): 8,
+        ("max_ai_tokens_per_month", month): 9_000,
+        ("max_storage_gb", month): Decimal("0.9"),
+        ("max_storage_gb", last_month): Decimal("2.5"),
+        ("max_mau", month): 85,
+    }  # max_api_calls_per_month of last month: 5%, nothing to notify
+    for (feature, start), used in found.items():
         expected = await db.fetchval(
             "SELECT usage_for_limit($1, $2, $3)", org, feature, start or month
         )
-        assert row["used"] == expected, feature
-    assert found[("max_api_calls_per_month", month)]["used"] == 700
-    assert found[("max_api_calls_per_month", month)]["notified"] == [80]
-    assert found[("max_api_calls_per_month", last_month)]["notified"] == []
-    assert found[("max_records", None)]["used"] == 70
-    assert found[("max_storage_gb", month)]["used"] == Decimal("2.5")
-    assert found[("max_mau", month)]["used"] == 1
+        assert used == expected, feature
 
 
 async def test_pass_gives_decide_the_usage_and_the_recorded_thresholds(
@@ -600,12 +588,13 @@ async def test_pass_gives_decide_the_usage_and_the_recorded_thresholds(
     aggregator: Aggregator,
     aggregate_store: AggregateStore,
 ) -> None:
-    """What run_pass hands to `decide`: each touched limit that can still notify, its usage
-    as the access check computes it, and the thresholds recorded for that period, month
-    and lifetime alike (aggregation_pass returns them as a bit mask)."""
+    """What run_pass hands to `decide`: each touched limit that has reached the lowest
+    threshold and can still notify, its usage as the access check computes it, and the
+    thresholds recorded for that period, month and lifetime alike (aggregation_pass returns
+    them as a bit mask)."""
     await aggregator.run_once()
     org = uuid.uuid4()
-    await subscribe(db, org, "pro", "UTC")
+    await subscribe(db, org, "free", "UTC")
     events = Events(event_store, org)
     now = datetime.now(UTC)
     month = now.date().replace(day=1)
@@ -620,9 +609,10 @@ async def test_pass_gives_decide_the_usage_and_the_recorded_thresholds(
     await db.execute(record, org, "max_records", "lifetime", None, 80)
     for threshold in (80, 100):
         await db.execute(record, org, "max_automations", "month", month, threshold)
-    await events.add("api_call", now.isoformat(), 7)
-    await events.add("record_created", now.isoformat(), 3)
-    await events.add("automation_run", now.isoformat(), 1)
+    await events.add("api_call", now.isoformat(), 850)  # 85% of the free plan's 1,000
+    await events.add("record_created", now.isoformat(), 90)  # 90% of 100
+    await events.add("automation_run", now.isoformat(), 10)  # 100% of 10
+    await events.add("schedule_executed", now.isoformat(), 7)  # 70% of 10: below 80%
     seen: list[LimitUsage] = []
 
     def capture(usages: list[LimitUsage]) -> list[Crossing]:
@@ -635,17 +625,73 @@ async def test_pass_gives_decide_the_usage_and_the_recorded_thresholds(
     assert set(found) == {
         ("max_api_calls_per_month", "month", month),
         ("max_records", "lifetime", None),
-    }  # max_automations: 80 and 100 recorded, nothing left to notify
+    }  # max_automations: 80 and 100 recorded, nothing left; max_schedules: below 80%
     api_calls = found[("max_api_calls_per_month", "month", month)]
-    assert api_calls.used == 7
+    assert api_calls.used == 850
     assert api_calls.notified == frozenset({100})  # last month's 80 is another period
     records = found[("max_records", "lifetime", None)]
-    assert records.used == 3
+    assert records.used == 90
     assert records.notified == frozenset({80})
     assert api_calls.limit == await db.fetchval(
-        "SELECT limit_value FROM plan_features WHERE plan = 'pro' "
+        "SELECT limit_value FROM plan_features WHERE plan = 'free' "
         "AND feature_key = 'max_api_calls_per_month'"
     )
+
+
+async def test_limits_below_the_lowest_threshold_are_left_out_as_decide_would(
+    db: asyncpg.Connection,
+) -> None:
+    """touched_limit_usage hands over exactly the limits that thresholds_reached (the rule
+    `decide` applies) says reach a threshold: exactly 80% does, just below does not, any use
+    of a limit of 0 does, unlimited never does."""
+    month = date(1999, 3, 1)
+    cases = [  # plan, event type, value of the month row
+        ("free", "api_call", Decimal(800)),  # 80% of 1,000
+        ("free", "api_call", Decimal("799.99")),
+        ("free", "automation_run", Decimal(8)),  # 80% of 10
+        ("free", "automation_run", Decimal("7.999")),
+        ("free", "schedule_executed", Decimal("0.001")),  # limit set to 0 below
+        ("free", "schedule_executed", Decimal(0)),
+        ("pro", "ai_tokens_used", Decimal(1_000_000)),  # 100%
+        ("enterprise", "api_call", Decimal(10**12)),  # unlimited
+        ("free", "storage_used", Decimal(800_000_000)),  # 0.8 of 1 GB
+        ("free", "storage_used", Decimal(799_999_999)),
+    ]
+    orgs = [uuid.uuid4() for _ in cases]
+    transaction = db.transaction()
+    await transaction.start()
+    try:
+        await db.execute(
+            "UPDATE plan_features SET limit_value = 0 "
+            "WHERE plan = 'free' AND feature_key = 'max_schedules'"
+        )
+        for org, (plan, _, _) in zip(orgs, cases, strict=True):
+            await subscribe(db, org, plan, "UTC")
+        rows = await db.fetch(
+            "SELECT * FROM touched_limit_usage($1, $2, $3, $4, $5)",
+            orgs,
+            [event_type for _, event_type, _ in cases],
+            [month] * len(cases),
+            [value for _, _, value in cases],
+            list(THRESHOLDS),
+        )
+        expected = set()
+        for org, (plan, event_type, value) in zip(orgs, cases, strict=True):
+            unit, key = await db.fetchrow(
+                "SELECT limit_unit, limit_key FROM event_types WHERE event_type = $1", event_type
+            )
+            limit = await db.fetchval(
+                "SELECT limit_value FROM plan_features WHERE plan = $1 AND feature_key = $2",
+                plan,
+                key,
+            )
+            if thresholds_reached(value / unit, limit):
+                expected.add(org)
+    finally:
+        await transaction.rollback()
+    assert {r["org_id"] for r in rows} == expected
+    assert len(expected) == 5  # 800, 8, 0.001 of 0, 1,000,000 and 0.8 GB
+    assert all(r["notified"] == 0 for r in rows)
 
 
 def test_notified_mask_decodes_in_the_order_of_the_thresholds() -> None:

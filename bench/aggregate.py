@@ -1,6 +1,7 @@
 """Aggregation benchmarks on 10M events, each against a plain GROUP BY in the same run.
 
     .venv/bin/python -m bench.aggregate [--events 10000000] [--increment 100000] [--rounds 3]
+                                        [--pass-rounds N]
 
 1. Full re-aggregation: `aggregate_usage('day'|'month', ...)` over all events against
    `CREATE TEMP TABLE .. AS SELECT .. GROUP BY` of the same rows at the same granularity
@@ -10,12 +11,14 @@
    (day + month rows, limit checks, watermark) against the same plain GROUP BY over just
    those new rows (selected the same way, by transaction id), and for context against a
    GROUP BY that makes both periods the pass writes (the day groups and the month rows
-   rolled up from them). Repeated `--rounds` times after one untimed warm-up pass (a
-   running aggregator's connection has its statements prepared), for two shapes of new
-   events:
+   rolled up from them). Repeated `--pass-rounds` times (default: `--rounds`) after one
+   untimed warm-up pass (a running aggregator's connection has its statements prepared),
+   for two shapes of new events:
    - live: occurred in the last 10 minutes, as events arrive from running services;
    - backfill: spread over the last 60 days like the base data (late events, imports),
      which touches a day row for almost every new event's (org, day).
+   Printed: the ratio of the medians, and the median of each round's ratio (pass and
+   GROUP BY of the same round, so that a slow spell of the host weighs on both).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ async def timed(conn: asyncpg.Connection, sql: str, *args: object) -> float:
     return time.perf_counter() - started
 
 
-async def main(events: int, increment: int, rounds: int) -> None:
+async def main(events: int, increment: int, rounds: int, pass_rounds: int) -> None:
     settings = await fresh_environment("metering_bench_agg")
     dsn = settings.database_url.get_secret_value()
     print(f"machine: {machine()}", flush=True)
@@ -177,7 +180,7 @@ async def main(events: int, increment: int, rounds: int) -> None:
             flush=True,
         )
         ours, plain, both = [], [], []
-        for round_number in range(rounds):
+        for round_number in range(pass_rounds):
             watermark = await conn.fetchval("SELECT watermark_xid FROM aggregator_state")
             await conn.execute(
                 GENERATE, generated, generated + increment - 1, f"{shape}{round_number}", spread
@@ -196,9 +199,11 @@ async def main(events: int, increment: int, rounds: int) -> None:
             both.append(await timed(conn, BOTH_PERIODS_GROUP_BY.format(where=where)))
             await conn.execute("DROP TABLE plain_result")
         mine = statistics.median(ours)
+        per_round = statistics.median(a / b for a, b in zip(ours, plain, strict=True))
         print(
             f"{shape}: pass median {mine:.3f}s  plain GROUP BY median "
-            f"{statistics.median(plain):.3f}s  ratio {mine / statistics.median(plain):.2f}; "
+            f"{statistics.median(plain):.3f}s  ratio {mine / statistics.median(plain):.2f} "
+            f"(median of the rounds' ratios {per_round:.2f}); "
             f"GROUP BY of day and month rows median {statistics.median(both):.3f}s  "
             f"ratio {mine / statistics.median(both):.2f}  "
             f"(runs ours {[round(x, 3) for x in ours]}, plain {[round(x, 3) for x in plain]}, "
@@ -216,5 +221,8 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--increment", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--pass-rounds", type=int, help="rounds of each incremental pass (default: --rounds)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.increment, args.rounds))
+    asyncio.run(main(args.events, args.increment, args.rounds, args.pass_rounds or args.rounds))

@@ -56,3 +56,14 @@ async def test_failed_migration_leaves_nothing_and_edited_one_is_refused(
         await migrate(db, [edited])
     await db.execute(f"DROP TABLE {table}")
     await db.execute("DELETE FROM schema_migrations WHERE name = $1", good.name)
+
+
+async def test_the_pass_keeps_the_planner_settings_it_was_measured_with(
+    db: asyncpg.Connection,
+) -> None:
+    """Migration 013 sets these on aggregate_new_events with ALTER FUNCTION; a later
+    CREATE OR REPLACE without them would silently bring back 4 MB hash tables per grouping."""
+    settings = await db.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE oid = 'aggregate_new_events'::regproc"
+    )
+    assert {"work_mem=16MB", "enable_sort=off", "enable_nestloop=off", "jit=off"} <= set(settings)

@@ -52,6 +52,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING if not verbose else logging.DEBUG)
+    from metering.storage.pool import shorten_outage_logs
+
+    shorten_outage_logs()
     try:
         ctx.obj = load_settings()
     except ValidationError as error:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import asyncpg
 
 from metering.config import Settings
@@ -22,6 +24,30 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.ConnectionFailureError,
 )
+
+
+class OneLineOutageWarnings(logging.Filter):
+    """asyncpg's pool logs a full traceback (~40 lines) each time it fails to reconnect its
+    idle connection while PostgreSQL is down, burying our own warning that says what is
+    retried and that nothing is committed. For a transient error (TRANSIENT_DB_ERRORS) this
+    keeps asyncpg's warning on one line with the error appended; any other error keeps its
+    traceback, since that one is worth reading."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, TRANSIENT_DB_ERRORS):
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def shorten_outage_logs() -> None:
+    """Install OneLineOutageWarnings on asyncpg's pool logger (once; safe to call again)."""
+    logger = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OneLineOutageWarnings) for f in logger.filters):
+        logger.addFilter(OneLineOutageWarnings())
 
 
 async def create_pool(

@@ -72,6 +72,7 @@ async def test_aggregator_leads_again_after_postgres_restarts(
         text = log.read_text()
         assert "standing by" in text  # it lost the lead with its lock session
         assert text.count("leading: aggregating") == 2, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]  # an outage logs one line per retry
     finally:
         aggregator.terminate()
         aggregator.wait(timeout=30)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import date
 from typing import Any
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from consumers.dead_letters import DeadLetterPublisher
 from consumers.writer import BatchWriter
 from metering.config import Settings
-from metering.metrics import ConsumerMetrics
+from metering.metrics import ConsumerMetrics, DependencyMetrics
 from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_postgres, retry_until_done
 from metering.storage.events import EventStore
 from metering.storage.pool import create_pool
@@ -35,6 +35,8 @@ WRITER_ROLE = "metering_writer"
 UNEXPECTED_ERROR_PAUSE_SECONDS = 2.0
 # How often a running consumer makes sure next months' partitions exist.
 PARTITION_CHECK_SECONDS = 3600.0
+# How often a running consumer asks the broker whether it is there (one metadata request).
+KAFKA_PROBE_SECONDS = 2.0
 
 
 def _month(day: date, months: int) -> date:
@@ -65,6 +67,32 @@ async def keep_partitions_ahead(
             continue
         if created:
             log.info("created %d monthly partitions of usage_events ahead of time", created)
+
+
+async def watch_kafka(
+    probe: Callable[[], Awaitable[None]],
+    settings: Settings,
+    metrics: DependencyMetrics,
+    every_seconds: float = KAFKA_PROBE_SECONDS,
+) -> None:
+    """Make a broker outage visible. While Kafka is down the subscriber's client retries on
+    its own and the handler is simply not called, so nothing of ours would say so: every
+    `every_seconds` this probes the broker, and while it does not answer it logs
+    "kafka unavailable ... (attempt n)" with back-off, holds
+    `metering_dependency_up{dependency="kafka"}` at 0 and counts
+    `metering_dependency_retries_total`, then logs "kafka is back". Offsets cannot be
+    committed meanwhile, so nothing is skipped; the operator need only bring the broker
+    back. Runs until cancelled."""
+    while True:
+        await retry_until_done(
+            probe,
+            dependency="kafka",
+            transient=KAFKA_TRANSIENT_ERRORS,
+            metrics=metrics,
+            min_delay=settings.retry_min_seconds,
+            max_delay=settings.retry_max_seconds,
+        )
+        await asyncio.sleep(every_seconds)
 
 
 async def _report_lag(consumer: Any, metrics: ConsumerMetrics) -> None:
@@ -146,12 +174,16 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
             settings.consumer_group,
             settings.database_name,
         )
-        partitions = asyncio.create_task(keep_partitions_ahead(store))
+        background = [
+            asyncio.create_task(keep_partitions_ahead(store)),
+            asyncio.create_task(watch_kafka(dead_letters.probe, settings, dependencies)),
+        ]
         try:
             yield
         finally:
-            partitions.cancel()
-            await asyncio.gather(partitions, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await dead_letters.stop()
             await pool.close()
             server.shutdown()

@@ -10,6 +10,9 @@ from aiokafka import AIOKafkaProducer
 from metering.config import Settings
 from metering.topics import DEAD_LETTER_MAX_BYTES
 
+# A broker that does not answer a metadata request within this is counted as down.
+PROBE_TIMEOUT_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class DeadLetter:
@@ -53,6 +56,12 @@ class DeadLetterPublisher:
 
     async def stop(self) -> None:
         await self._producer.stop()
+
+    async def probe(self) -> None:
+        """Ask the broker for cluster metadata; raise KafkaError (or TimeoutError after
+        PROBE_TIMEOUT_SECONDS) when no broker answers."""
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            await self._producer.client.fetch_all_metadata()
 
     async def publish(self, letters: list[DeadLetter]) -> None:
         """Publish all of `letters`; raise if any was not acknowledged (the caller retries

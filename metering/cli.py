@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import random
 import sys
 import uuid
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 
 from metering.config import Settings, load_settings
 from metering.errors import AggregatorNotActive, MeteringError, RetentionTooShort
+from metering.logs import configure_logging
 
 T = TypeVar("T")
 W = TypeVar("W", date, datetime)  # bounds of month_windows: dates or datetimes
@@ -47,14 +47,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     Configuration comes from METERING_* environment variables (see README); the defaults
     match `metering dev up`.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING if not verbose else logging.DEBUG)
-    from metering.storage.pool import shorten_outage_logs
-
-    shorten_outage_logs()
+    configure_logging(verbose)
     try:
         ctx.obj = load_settings()
     except ValidationError as error:

@@ -42,9 +42,7 @@ async def retry_until_done(
             attempt += 1
             metrics.retries.labels(dependency).inc()
             metrics.up.labels(dependency).set(0)
-            unavailable = DependencyUnavailable(
-                dependency, f"{type(error).__name__}: {error}", delay
-            )
+            unavailable = DependencyUnavailable(dependency, _describe(error), delay)
             log.warning(
                 "%s (attempt %d); nothing is committed until it succeeds", unavailable, attempt
             )
@@ -70,3 +68,9 @@ async def retry_postgres(
         min_delay=settings.retry_min_seconds,
         max_delay=settings.retry_max_seconds,
     )
+
+
+def _describe(error: BaseException) -> str:
+    """`Type: message`, once (aiokafka's errors already start their message with it)."""
+    name, text = type(error).__name__, str(error)
+    return text if text.startswith(name) else f"{name}: {text}"

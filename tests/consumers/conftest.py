@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -107,3 +108,15 @@ def assert_exact(keys: list[tuple[uuid.UUID, str]], stream: PublishedStream) -> 
 def small_batches(settings: Settings) -> Settings:
     """Small batches make a consumer take seconds over a stream, so it can be hit mid-way."""
     return settings.model_copy(update={"consumer_batch_size": 100})
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples a process serves on /metrics, by name with labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

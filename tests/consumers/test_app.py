@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import date
 
 import asyncpg
 import pytest
+from aiokafka.errors import KafkaConnectionError
+from prometheus_client import CollectorRegistry
 
-from consumers.app import WRITER_ROLE, keep_partitions_ahead
+from consumers.app import WRITER_ROLE, keep_partitions_ahead, watch_kafka
+from metering.config import Settings
+from metering.metrics import DependencyMetrics
 from metering.storage.events import EventStore
 from tests.conftest import async_wait_for
 
-pytestmark = pytest.mark.services
 
-
+@pytest.mark.services
 async def test_a_running_consumer_creates_next_months_partitions(
     migrated_database: str,
 ) -> None:
@@ -45,3 +49,40 @@ async def test_a_running_consumer_creates_next_months_partitions(
         await asyncio.gather(keeper, return_exceptions=True)
         await pool.close()
     assert months == 5  # April to August 2040, each attached to usage_events
+
+
+async def test_watch_kafka_reports_an_outage_and_the_return(
+    base_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe fails twice (the broker is away), then answers: the gauge goes to 0 and
+    back to 1, each failure is a counted retry, and the log says both."""
+    registry = CollectorRegistry()
+    metrics = DependencyMetrics(registry)
+    answers: list[BaseException | None] = [KafkaConnectionError("gone"), TimeoutError(), None]
+    probed = asyncio.Event()
+    seen_down: list[float | None] = []
+
+    async def probe() -> None:
+        seen_down.append(
+            registry.get_sample_value("metering_dependency_up", {"dependency": "kafka"})
+        )
+        answer = answers.pop(0) if answers else None
+        if not answers:
+            probed.set()
+        if answer is not None:
+            raise answer
+
+    fast = base_settings.model_copy(update={"retry_min_seconds": 0.01, "retry_max_seconds": 0.02})
+    caplog.set_level(logging.WARNING, logger="metering.retry")
+    watcher = asyncio.create_task(watch_kafka(probe, fast, metrics, every_seconds=0.01))
+    try:
+        await asyncio.wait_for(probed.wait(), 5)
+        await asyncio.sleep(0.05)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    assert seen_down[:3] == [None, 0.0, 0.0]  # down from the first failure until it answers
+    assert registry.get_sample_value("metering_dependency_up", {"dependency": "kafka"}) == 1.0
+    retries = {"dependency": "kafka"}
+    assert registry.get_sample_value("metering_dependency_retries_total", retries) == 2.0
+    assert "kafka unavailable" in caplog.text and "kafka is back after 2 retries" in caplog.text

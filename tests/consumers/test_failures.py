@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -21,12 +22,15 @@ from tests.consumers.conftest import (
     PublishedStream,
     assert_exact,
     publish_stream,
+    scrape,
     stored_count,
     stored_keys,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 EVENTS = 20_000
+KAFKA_UP = 'metering_dependency_up{dependency="kafka"}'
+KAFKA_RETRIES = 'metering_dependency_retries_total{dependency="kafka"}'
 
 
 async def wait_until_partly_stored(dsn: str, stream: PublishedStream, fraction: float) -> int:
@@ -100,10 +104,24 @@ async def test_kafka_restarted_mid_stream(
     consumer = start_consumer(small_batches)
     await wait_until_partly_stored(migrated_database, stream, 0.3)
     await asyncio.to_thread(dev_services.stop_kafka)
-    await asyncio.sleep(2)
+
+    async def kafka_reported(up: float) -> bool:
+        return (await asyncio.to_thread(scrape, consumer.metrics_port)).get(KAFKA_UP) == up
+
+    await async_wait_for(lambda: kafka_reported(0.0), 20, "the consumer to report Kafka down")
     await asyncio.to_thread(dev_services.start_kafka)
     await wait_until_complete_and_settled(migrated_database, stream)
     assert consumer.process.poll() is None, "the consumer must survive the broker restart"
+    await async_wait_for(lambda: kafka_reported(1.0), 20, "the consumer to report Kafka back")
+    assert scrape(consumer.metrics_port)[KAFKA_RETRIES] >= 1
+    log = consumer.log_text()
+    assert "kafka unavailable" in log and "kafka is back" in log, log[-3000:]
+    # aiokafka logs each failed reconnect (~60 lines a second); identical lines come once
+    library_lines = Counter(
+        line.split(" ", 2)[2] for line in log.splitlines() if " aiokafka" in line
+    )
+    assert library_lines, "the outage should have been logged by aiokafka too"
+    assert max(library_lines.values()) == 1, library_lines.most_common(3)
 
 
 async def test_two_consumers_one_killed_rebalances(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,13 @@ from aiokafka import AIOKafkaProducer
 from metering.config import Settings
 from metering.topics import EVENT_MAX_BYTES
 from tests.conftest import ConsumerProcess, async_wait_for, read_topic
-from tests.consumers.conftest import assert_exact, publish_stream, stored_count, stored_keys
+from tests.consumers.conftest import (
+    assert_exact,
+    publish_stream,
+    scrape,
+    stored_count,
+    stored_keys,
+)
 
 pytestmark = pytest.mark.services
 
@@ -109,17 +114,6 @@ async def test_duplicates_and_every_invalid_kind(
     assert metrics['metering_events_dead_lettered_total{reason="not_json"}'] == 2
     assert metrics['metering_events_dead_lettered_total{reason="too_large"}'] == 1
     assert metrics["metering_consumer_messages_total"] == stream.messages + 1 + len(bad)
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 async def test_non_utf8_header_does_not_block_the_partition(

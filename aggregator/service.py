@@ -25,7 +25,7 @@ from metering.config import Settings
 from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics, observe_many
 from metering.models import utc_now
-from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_postgres, retry_until_done
+from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_kafka, retry_postgres
 from metering.storage.aggregates import AggregateStore, PassResult
 from metering.storage.lease import AggregatorLease
 from metering.storage.pool import create_pool
@@ -94,13 +94,10 @@ class Aggregator:
         """Publish every unpublished crossing, a batch per Kafka transaction, marking each
         batch published after it committed; return how many were sent."""
         total = 0
-        while sent := await retry_until_done(
+        while sent := await retry_kafka(
             self._publish_batch,
-            dependency="kafka",
-            transient=KAFKA_TRANSIENT_ERRORS,
+            settings=self._settings,
             metrics=self._metrics.dependencies,
-            min_delay=self._settings.retry_min_seconds,
-            max_delay=self._settings.retry_max_seconds,
         ):
             self._metrics.published.inc(sent)
             total += sent

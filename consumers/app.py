@@ -24,7 +24,7 @@ from consumers.dead_letters import DeadLetterPublisher
 from consumers.writer import BatchWriter
 from metering.config import Settings
 from metering.metrics import ConsumerMetrics, DependencyMetrics
-from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_postgres, retry_until_done
+from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_kafka, retry_postgres
 from metering.storage.events import EventStore
 from metering.storage.pool import create_pool
 
@@ -84,13 +84,10 @@ async def watch_kafka(
     committed meanwhile, so nothing is skipped; the operator need only bring the broker
     back. Runs until cancelled."""
     while True:
-        await retry_until_done(
+        await retry_kafka(
             probe,
-            dependency="kafka",
-            transient=KAFKA_TRANSIENT_ERRORS,
+            settings=settings,
             metrics=metrics,
-            min_delay=settings.retry_min_seconds,
-            max_delay=settings.retry_max_seconds,
         )
         await asyncio.sleep(every_seconds)
 
@@ -157,13 +154,10 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         today = date.today()
         await store.ensure_partitions(_month(today, -2), _month(today, 2))
         dead_letters = DeadLetterPublisher(settings)
-        await retry_until_done(
+        await retry_kafka(
             dead_letters.start,
-            dependency="kafka",
-            transient=KAFKA_TRANSIENT_ERRORS,
+            settings=settings,
             metrics=dependencies,
-            min_delay=settings.retry_min_seconds,
-            max_delay=settings.retry_max_seconds,
         )
         state["writer"] = BatchWriter(
             settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS

@@ -70,6 +70,21 @@ async def retry_postgres(
     )
 
 
+async def retry_kafka(
+    operation: Callable[[], Awaitable[T]], *, settings: Settings, metrics: DependencyMetrics
+) -> T:
+    """`retry_until_done` for work on Kafka: retried on KAFKA_TRANSIENT_ERRORS, with the
+    back-off of `settings`; any other error propagates at once."""
+    return await retry_until_done(
+        operation,
+        dependency="kafka",
+        transient=KAFKA_TRANSIENT_ERRORS,
+        metrics=metrics,
+        min_delay=settings.retry_min_seconds,
+        max_delay=settings.retry_max_seconds,
+    )
+
+
 def _describe(error: BaseException) -> str:
     """`Type: message`, once (aiokafka's errors already start their message with it)."""
     name, text = type(error).__name__, str(error)

@@ -43,6 +43,14 @@ log = logging.getLogger("metering.aggregator")
 # back from an hour before the oldest unpublished crossing covers any sane clock skew.
 READ_BACK_MARGIN = timedelta(hours=1)
 READ_BACK_TIMEOUT_SECONDS = 60.0
+# A batch not committed within this raises TimeoutError (the caller stops the producer and
+# retries with a new one). Without it a send to a broker that is gone waits forever, and
+# leaving aiokafka's transaction() context on an error waits forever for the abort.
+PUBLISH_TIMEOUT_SECONDS = 15.0
+REQUEST_TIMEOUT_MS = 10_000
+# aiokafka's stop() first waits for every record sent and not yet delivered; in a
+# transaction whose partitions could not be added (the broker is gone) that is forever.
+STOP_TIMEOUT_SECONDS = 5.0
 
 
 def transactional_id(settings: Settings) -> str:
@@ -70,6 +78,7 @@ class CrossingPublisher:
             acks="all",
             enable_idempotence=True,
             transactional_id=transactional_id(self._settings),
+            request_timeout_ms=REQUEST_TIMEOUT_MS,
         )
         try:
             await producer.start()
@@ -83,17 +92,23 @@ class CrossingPublisher:
         if producer is not None:
             # fenced: a newer publisher took over, and its start aborted our transaction
             with contextlib.suppress(ProducerFenced):
-                await producer.stop()
+                await _stop_within(producer, STOP_TIMEOUT_SECONDS)
 
     async def publish(self, batch: list[Crossing]) -> None:
         """Send `batch` in one transaction; return once it committed. Raise
         AggregatorNotActive if a newer aggregator fenced this one (nothing of the batch is
-        visible to read_committed readers then); other Kafka errors propagate, and the
-        caller must `stop` and `start` again before retrying."""
+        visible to read_committed readers then); other Kafka errors, and TimeoutError after
+        PUBLISH_TIMEOUT_SECONDS, propagate, and the caller must `stop` and `start` again
+        before retrying (the outcome of the commit may be unknown: `published_since` after
+        the new start tells)."""
         assert self._producer is not None, "start() first"
         producer = self._producer
         try:
-            async with producer.transaction():
+            # Not producer.transaction(): on an error it waits for the abort, forever while
+            # the broker is gone. An open transaction is aborted by the broker when the
+            # next producer with our transactional id starts (or when it times out).
+            await producer.begin_transaction()
+            async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
                 sent = [
                     await producer.send(
                         self._settings.limits_topic,
@@ -103,6 +118,7 @@ class CrossingPublisher:
                     for crossing in batch
                 ]
                 await asyncio.gather(*sent)
+                await producer.commit_transaction()
         except ProducerFenced:
             raise AggregatorNotActive(
                 "fenced: a newer aggregator's producer publishes to the limits topic now"
@@ -118,6 +134,25 @@ class CrossingPublisher:
             return await _read_ids(consumer, self._settings.limits_topic, since - READ_BACK_MARGIN)
         finally:
             await consumer.stop()
+
+
+async def _stop_within(producer: AIOKafkaProducer, seconds: float) -> None:
+    """Stop `producer`; after `seconds`, abandon what it has not delivered. Abandoned
+    records were never committed: their crossings stay unpublished in limit_notifications,
+    and the next producer's start aborts the open transaction."""
+    try:
+        async with asyncio.timeout(seconds):
+            await producer.stop()
+    except TimeoutError:
+        log.warning(
+            "the Kafka producer did not stop within %.0f s (broker unreachable?): its "
+            "unsent crossings stay in limit_notifications for the next one",
+            seconds,
+        )
+        # aiokafka 0.14 has no public way to give up on unsent records: end its sender
+        # task and connections, which is what stop() does once they are delivered.
+        await producer._sender.close()
+        await producer.client.close()
 
 
 async def _read_ids(consumer: AIOKafkaConsumer, topic: str, since: datetime) -> set[UUID]:

@@ -59,9 +59,10 @@ class Aggregator:
         self._idle_interval = idle_interval
         self._lease = lease
 
-    async def run_once(self) -> PassResult:
-        """One pass, then publish what is pending; retried while a dependency is down.
-        Raises AggregatorNotActive once this aggregator no longer leads."""
+    async def run_once(self, *, publish: bool = True) -> PassResult:
+        """One pass, then (with `publish`) publish what is pending; retried while a
+        dependency is down. Raises AggregatorNotActive once this aggregator no longer
+        leads."""
         if self._lease is not None:
             await self._lease.check()
         started = time.perf_counter()
@@ -85,7 +86,7 @@ class Aggregator:
                 crossing.used,
                 crossing.limit,
             )
-        if self._publisher is not None:
+        if publish and self._publisher is not None:
             await self.publish_pending()
         self._metrics.watermark_lag.set(await self._retry_db(self._store.watermark_lag_seconds))
         return result
@@ -139,10 +140,35 @@ class Aggregator:
             )
 
     async def run_forever(self) -> None:
+        """Passes back to back while there is work, every `idle_interval` otherwise, until
+        cancelled or AggregatorNotActive. Crossings are published by a task of their own,
+        woken after each pass: while Kafka cannot take them they wait in the outbox, and
+        usage_aggregations (what the access check and billing read) keeps up with the
+        stored events all the same."""
+        passed = asyncio.Event()
+        publishing = (
+            asyncio.create_task(self._publish_after_passes(passed))
+            if self._publisher is not None
+            else None
+        )
+        try:
+            while True:
+                if publishing is not None and publishing.done():
+                    publishing.result()  # AggregatorNotActive (fenced), or a bug: stop
+                result = await self.run_once(publish=False)
+                passed.set()
+                if result.events == 0:
+                    await asyncio.sleep(self._idle_interval)
+        finally:
+            if publishing is not None:
+                publishing.cancel()
+                await asyncio.gather(publishing, return_exceptions=True)
+
+    async def _publish_after_passes(self, passed: asyncio.Event) -> None:
         while True:
-            result = await self.run_once()
-            if result.events == 0:
-                await asyncio.sleep(self._idle_interval)
+            await passed.wait()
+            passed.clear()
+            await self.publish_pending()
 
     async def _retry_db(self, operation: Callable[[], Awaitable[T]]) -> T:
         return await retry_postgres(

@@ -42,6 +42,9 @@ class AggregatorLease:
         self._dsn = settings.database_url.get_secret_value()
         self.name = f"metering aggregate on {socket.gethostname()} (pid {os.getpid()})"
         self._conn: asyncpg.Connection | None = None
+        # The pass loop and the publishing task both check the lead; one connection runs
+        # one query at a time (a second would fail with InterfaceError, read as a lost lead).
+        self._checking = asyncio.Lock()
 
     async def try_acquire(self) -> bool:
         """Take the lead if it is free; False when another aggregator holds it. Connection
@@ -89,6 +92,10 @@ class AggregatorLease:
         session is alive). Called before each pass: a pass that starts after the lead was
         lost would still be correct (passes serialise on the watermark row), but the
         crossings it records are for the active aggregator to publish."""
+        async with self._checking:
+            await self._check()
+
+    async def _check(self) -> None:
         if self._conn is None or self._conn.is_closed():
             raise AggregatorNotActive("lost the lead: its PostgreSQL session ended")
         try:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -334,3 +334,100 @@ async def test_crossings_once_when_kafka_restarts_under_the_publisher(
         "SELECT count(*) FROM limit_notifications WHERE id = ANY($1) AND published_at IS NULL"
     )
     assert await db.fetchval(unpublished, [c.id for c in crossings + more]) == 0
+
+
+async def test_aggregation_goes_on_while_kafka_is_down_and_the_crossing_follows(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    aggregate_store: AggregateStore,
+    dev_services: DevServices,
+) -> None:
+    """The limits topic is a notification channel: while it cannot be written, crossings
+    wait in limit_notifications, and usage_aggregations (what the access check and billing
+    read) must keep up with the stored events. Once the broker is back the crossings go out,
+    each once."""
+    org = uuid.uuid4()
+    await subscribe(db, org, "free")
+    events = Events(event_store, org)
+    aggregator, publisher = await publishing_aggregator(settings, aggregate_store)
+    await aggregator.run_once()  # the producer is started and publishing works
+    running = asyncio.create_task(aggregator.run_forever())
+
+    async def used() -> object:
+        raw = await db.fetchval(
+            "SELECT check_feature_access(NULL, 'max_api_calls_per_month', $1)", org
+        )
+        return json.loads(raw)["used"]
+
+    try:
+        await asyncio.to_thread(dev_services.stop_kafka)
+        now = datetime.now(UTC).isoformat()
+        await events.add("api_call", now, 850)  # 80% crossed: its message cannot be sent
+        await async_wait_for(lambda: _equals(used(), 850), 10, "the first events aggregated")
+        await events.add("api_call", now, 100)
+        await async_wait_for(
+            lambda: _equals(used(), 950), 10, "events aggregated while a crossing waits"
+        )
+        assert not running.done(), running
+        await asyncio.to_thread(dev_services.start_kafka)
+        await events.add("api_call", now, 60)  # 101%: the second crossing
+        await async_wait_for(lambda: _count_published(db, org, 2), 90, "both crossings published")
+    finally:
+        running.cancel()
+        # bounded: a publisher stuck on the missing broker once held the cancel forever
+        await asyncio.wait_for(asyncio.gather(running, return_exceptions=True), 60)
+        await asyncio.to_thread(dev_services.start_kafka)  # no-op when running
+        await publisher.stop()
+    thresholds = sorted(m["threshold_percent"] for m in await messages_of(settings, org))
+    assert thresholds == [80, 100]
+
+
+async def _equals(value: Awaitable[object], expected: object) -> bool:
+    return await value == expected
+
+
+async def _count_published(db: asyncpg.Connection, org: uuid.UUID, expected: int) -> bool:
+    published = await db.fetchval(
+        "SELECT count(*) FROM limit_notifications WHERE org_id = $1 AND published_at IS NOT NULL",
+        org,
+    )
+    return bool(published == expected)
+
+
+async def test_sigterm_stops_the_aggregator_while_a_crossing_waits_for_kafka(
+    settings: Settings,
+    db: asyncpg.Connection,
+    event_store: EventStore,
+    dev_services: DevServices,
+    tmp_path: Path,
+) -> None:
+    """A crossing that cannot reach the missing broker must not hold up a shutdown: the
+    crossing stays in limit_notifications for the next start."""
+    org = uuid.uuid4()
+    await subscribe(db, org, "free")
+    log = tmp_path / "aggregate.log"
+    process = aggregate_process(settings, log)
+    try:
+        await async_wait_for(lambda: says(log, "leading"), 30, "the aggregator to lead")
+        await asyncio.to_thread(dev_services.stop_kafka)
+        await Events(event_store, org).add("api_call", datetime.now(UTC).isoformat(), 850)
+        await async_wait_for(lambda: says(log, "limit crossing"), 30, "the crossing recorded")
+        await asyncio.sleep(3)  # the publisher is now retrying against the missing broker
+        process.send_signal(signal.SIGTERM)
+        # bounded by the producer's request timeout (REQUEST_TIMEOUT_MS), not by the broker
+        try:
+            status = await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 30 s after SIGTERM:\n{log.read_text()[-3000:]}")
+        assert status == 0, log.read_text()[-3000:]
+        unpublished = await db.fetchval(
+            "SELECT count(*) FROM limit_notifications WHERE org_id = $1 AND published_at IS NULL",
+            org,
+        )
+        assert unpublished == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        await asyncio.to_thread(dev_services.start_kafka)

@@ -54,3 +54,15 @@ async def test_a_standby_waits_for_the_lead_and_gets_it_when_the_leader_goes(
     finally:
         await leader.release()
         await standby.release()
+
+
+async def test_checks_from_two_tasks_at_once_both_see_the_lead(
+    settings: Settings, migrated_database: str
+) -> None:
+    # the pass loop and the publishing task check the same lock session concurrently
+    lease = AggregatorLease(settings)
+    try:
+        assert await lease.try_acquire()
+        await asyncio.gather(*(lease.check() for _ in range(5)))
+    finally:
+        await lease.release()

@@ -159,7 +159,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
             settings=settings,
             metrics=dependencies,
         )
-        state["writer"] = BatchWriter(
+        writer = state["writer"] = BatchWriter(
             settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS
         )
         log.info(
@@ -171,6 +171,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         background = [
             asyncio.create_task(keep_partitions_ahead(store)),
             asyncio.create_task(watch_kafka(dead_letters.probe, settings, dependencies)),
+            asyncio.create_task(writer.dead_letter_log.flush_every()),
         ]
         try:
             yield
@@ -178,6 +179,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            writer.dead_letter_log.flush()
             await dead_letters.stop()
             await pool.close()
             server.shutdown()

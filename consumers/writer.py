@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from consumers.dead_letters import DeadLetter, DeadLetterPublisher
+from consumers.dead_letters import DeadLetter, DeadLetterLog, DeadLetterPublisher
 from metering.config import Settings
 from metering.errors import InvalidEvent
 from metering.metrics import ConsumerMetrics
-from metering.models import parse_event, utc_now
+from metering.models import accepted_at, parse_event, utc_now
 from metering.retry import retry_postgres, retry_until_done
 from metering.storage.events import REFUSED_BY_DATABASE, EventStore, IncomingEvent, WriteResult
 
@@ -37,6 +38,8 @@ log = logging.getLogger("metering.consumer")
 # Events validated per statement: big enough to amortise a round trip, small enough that
 # validating the next chunk overlaps the database writing this one.
 VALIDATION_CHUNK = 1000
+# The dead-letter code of an event that broke no rule but could not be prepared for storage.
+UNPROCESSABLE = "unprocessable"
 
 
 class KafkaRecord(Protocol):
@@ -52,6 +55,8 @@ class KafkaRecord(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,12 @@ class BatchOutcome:
 def split_batch(
     records: Sequence[KafkaRecord], settings: Settings
 ) -> tuple[list[IncomingEvent], list[DeadLetter]]:
-    """Validate each record; return the valid events and the dead letters, in input order."""
+    """Validate each record; return the valid events and the dead letters, in input order.
+
+    Never raises for a record: whatever fails for one event (a rule of contract section 1,
+    or any error preparing its row, which would be a gap in validation) makes that event
+    alone a dead letter with its reason, so no input can stop the consumer.
+    """
     now = utc_now()
     valid: list[IncomingEvent] = []
     invalid: list[DeadLetter] = []
@@ -73,25 +83,35 @@ def split_batch(
         try:
             event = parse_event(
                 record.value,
-                now=now,
+                now=accepted_at(record.timestamp, now),
                 lateness_window=settings.lateness_window,
                 future_tolerance=settings.future_tolerance,
             )
+            valid.append(IncomingEvent(event, record.partition, record.offset))
         except InvalidEvent as error:
+            invalid.append(_dead_letter(record, error.code, error.reason))
+        except Exception as error:
+            log.exception("could not prepare the event at %s[%d]@%d", *_where(record))
             invalid.append(
-                DeadLetter(
-                    record.value,
-                    record.key,
-                    error.code,
-                    error.reason,
-                    record.topic,
-                    record.partition,
-                    record.offset,
+                _dead_letter(
+                    record,
+                    UNPROCESSABLE,
+                    f"metering could not process this event ({type(error).__name__}: "
+                    f"{str(error)[:300]}); please report it, and replay it from the "
+                    "dead-letter topic once fixed",
                 )
             )
-            continue
-        valid.append(IncomingEvent(event, record.partition, record.offset))
     return valid, invalid
+
+
+def _where(record: KafkaRecord) -> tuple[str, int, int]:
+    return record.topic, record.partition, record.offset
+
+
+def _dead_letter(record: KafkaRecord, code: str, reason: str) -> DeadLetter:
+    return DeadLetter(
+        record.value, record.key, code, reason, record.topic, record.partition, record.offset
+    )
 
 
 class BatchWriter:
@@ -110,6 +130,7 @@ class BatchWriter:
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._kafka_errors = kafka_errors
+        self.dead_letter_log = DeadLetterLog()
 
     async def process(self, records: Sequence[KafkaRecord]) -> BatchOutcome:
         """Store and dead-letter the batch; return only when both are durable.
@@ -150,16 +171,9 @@ class BatchWriter:
                 min_delay=self._settings.retry_min_seconds,
                 max_delay=self._settings.retry_max_seconds,
             )
-            for letter in invalid:
-                self._metrics.dead_lettered.labels(letter.code).inc()
-                log.info(
-                    "dead-lettered %s[%d]@%d: %s (%s)",
-                    letter.topic,
-                    letter.partition,
-                    letter.offset,
-                    letter.code,
-                    letter.reason,
-                )
+            for code, count in Counter(letter.code for letter in invalid).items():
+                self._metrics.dead_lettered.labels(code).inc(count)
+            self.dead_letter_log.record(invalid)
         return BatchOutcome(len(records), result.stored, result.duplicates, len(invalid))
 
     async def _write_setting_refused_aside(

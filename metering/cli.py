@@ -647,7 +647,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
 @click.option(
     "--keep",
     required=True,
-    help="How much raw history to keep: 13mo, 400d ... (more than the lateness window, "
+    help="How much raw history to keep: 13mo, 400d ... (more than the lateness window plus a day, "
     "METERING_LATENESS_WINDOW, so late duplicates are still recognised)",
 )
 @click.option("--dry-run", is_flag=True, help="Only print what would be dropped.")

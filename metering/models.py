@@ -7,10 +7,9 @@ that), so one bad message can never take a good one down with it.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
@@ -19,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from metering.errors import InvalidEvent
+from metering.event_json import OutOfRangeNumber, decode_json, dump_json
 
 MAX_EVENT_BYTES = 16 * 1024
 MAX_SIGNIFICANT_DIGITS = 18
+MAX_METADATA_DEPTH = 32
 _EIGHTEEN_DIGITS = 10**MAX_SIGNIFICANT_DIGITS
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # RFC 3339 date-time: full date, 'T' or space, full time with seconds, mandatory offset.
@@ -57,23 +58,7 @@ class UsageEvent(BaseModel):
     @field_validator("quantity", mode="before")
     @classmethod
     def _quantity(cls, value: object) -> Decimal:
-        # bool is an int subclass; strings are refused so "5" cannot pass for 5.
-        if type(value) is int and 0 <= value < _EIGHTEEN_DIGITS:
-            return Decimal(value)  # the common case: a small whole number
-        if isinstance(value, bool) or not isinstance(value, int | Decimal):
-            raise PydanticCustomError("invalid_quantity", "quantity must be a JSON number")
-        number = Decimal(value)
-        if not number.is_finite():
-            raise PydanticCustomError("invalid_quantity", "quantity must be finite")
-        if number < 0:
-            raise PydanticCustomError("negative_quantity", "quantity must be >= 0")
-        if len(number.normalize().as_tuple().digits) > MAX_SIGNIFICANT_DIGITS and number != 0:
-            raise PydanticCustomError(
-                "quantity_too_precise", "quantity has more than 18 significant digits"
-            )
-        if number.adjusted() > 30:
-            raise PydanticCustomError("invalid_quantity", "quantity is too large (max 1e30)")
-        return number
+        return check_quantity(value)
 
     @field_validator("occurred_at", mode="before")
     @classmethod
@@ -104,16 +89,15 @@ class UsageEvent(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_storable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        # JSON can spell characters PostgreSQL's jsonb refuses to store: U+0000 and lone
-        # UTF-16 surrogates. Accepted, such an event would fail its whole batch's
-        # transaction on every retry; refused here, it alone goes to the dead-letter topic.
+        # What JSON can spell but the store cannot take, refused here so that such an event
+        # alone goes to the dead-letter topic instead of failing its batch: U+0000 and lone
+        # UTF-16 surrogates (PostgreSQL's jsonb refuses them), numbers out of range (see
+        # metering.event_json) and nesting deeper than MAX_METADATA_DEPTH.
         if value is not None:
-            unstorable = _unstorable_text(value)
-            if unstorable is not None:
+            problem = metadata_problem(value)
+            if problem is not None:
                 raise PydanticCustomError(
-                    "invalid_metadata",
-                    "metadata contains {what}, which cannot be stored (PostgreSQL jsonb)",
-                    {"what": unstorable},
+                    "invalid_metadata", "cannot be stored: {what}", {"what": problem}
                 )
         return value
 
@@ -121,16 +105,12 @@ class UsageEvent(BaseModel):
         """Serialise to the wire form of contract section 1 (exact decimals, RFC 3339).
 
         Built directly: id and type are restricted to characters JSON never escapes, the
-        ids are UUIDs, the time is ISO text, and json has no decimal type (floats would
-        round), so only metadata goes through json.dumps. Hot path of ingestion over HTTP.
+        ids are UUIDs, the time is ISO text, the quantity exact fixed-point text (bounded by
+        validation), and metadata goes through `dump_json` (numbers digit for digit). Hot
+        path of ingestion over HTTP.
         """
         user = f'"{uuid_text(self.user_id)}"' if self.user_id is not None else "null"
-        metadata = (
-            ""
-            if self.metadata is None
-            else ',"metadata":'
-            + json.dumps(self.metadata, separators=(",", ":"), default=json_default)
-        )
+        metadata = "" if self.metadata is None else ',"metadata":' + dump_json(self.metadata)
         return (
             f'{{"id":"{self.id}","type":"{self.type.value}","org_id":"{uuid_text(self.org_id)}",'
             f'"user_id":{user},"occurred_at":"{self.occurred_at.isoformat()}"{metadata},'
@@ -143,29 +123,91 @@ class UsageEvent(BaseModel):
         return uuid_text(self.org_id).encode()
 
 
+def check_quantity(value: object) -> Decimal:
+    """An event's quantity (or a requested one) by the rules of contract section 1: a JSON
+    number, finite, >= 0, at most 1e30 and 18 significant digits. Raises
+    PydanticCustomError with the rule's code (`invalid_quantity`, `negative_quantity`,
+    `quantity_too_precise`)."""
+    # bool is an int subclass; strings are refused so "5" cannot pass for 5.
+    if type(value) is int and 0 <= value < _EIGHTEEN_DIGITS:
+        return Decimal(value)  # the common case: a small whole number
+    if isinstance(value, OutOfRangeNumber):
+        raise PydanticCustomError("invalid_quantity", "{what}", {"what": value.describe()})
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise PydanticCustomError("invalid_quantity", "quantity must be a JSON number")
+    number = Decimal(value)
+    if not number.is_finite():
+        raise PydanticCustomError("invalid_quantity", "quantity must be finite")
+    if number < 0:
+        raise PydanticCustomError("negative_quantity", "quantity must be >= 0")
+    if number.adjusted() > 30:
+        raise PydanticCustomError("invalid_quantity", "quantity is too large (max 1e30)")
+    if significant_digits(number) > MAX_SIGNIFICANT_DIGITS:
+        raise PydanticCustomError(
+            "quantity_too_precise", "quantity has more than 18 significant digits"
+        )
+    return number
+
+
+_JSON_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
+def quantity_from_text(text: str) -> Decimal:
+    """`check_quantity` for a quantity written as a JSON number in text (a query string);
+    raises PydanticCustomError as `check_quantity` does."""
+    if not _JSON_NUMBER.fullmatch(text):
+        raise PydanticCustomError("invalid_quantity", "quantity must be a number, e.g. 1 or 2.5")
+    return check_quantity(decode_json(text))
+
+
 # A lone surrogate: a JSON \udXXX escape without its pair. UTF-8 (and so jsonb) cannot encode it.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def _unstorable_text(value: object) -> str | None:
-    """What in a decoded JSON value jsonb cannot store (U+0000, a lone surrogate), or None."""
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "the character U+0000"
+    if _SURROGATE.search(text):
+        return "an unpaired UTF-16 surrogate"
+    return None
+
+
+def metadata_problem(value: object, path: str = "metadata", depth: int = 1) -> str | None:
+    """Why a decoded metadata value cannot be stored as it is (naming where), or None."""
     if isinstance(value, str):
-        if "\x00" in value:
-            return "the character U+0000"
-        if _SURROGATE.search(value):
-            return "an unpaired UTF-16 surrogate"
-        return None
+        problem = _text_problem(value)
+        return None if problem is None else f"{path} holds {problem}"
+    if isinstance(value, OutOfRangeNumber):
+        return f"{path}: {value.describe()}"
+    if isinstance(value, dict | list) and depth > MAX_METADATA_DEPTH:
+        return f"{path} is nested deeper than {MAX_METADATA_DEPTH} levels"
     if isinstance(value, dict):
         for key, item in value.items():
-            found = _unstorable_text(key) or _unstorable_text(item)
+            problem = _text_problem(key)
+            if problem is not None:
+                return f"a key in {path} holds {problem}"
+            found = metadata_problem(item, f"{path}.{key[:40]}", depth + 1)
             if found:
                 return found
     elif isinstance(value, list):
-        for item in value:
-            found = _unstorable_text(item)
+        for index, item in enumerate(value):
+            found = metadata_problem(item, f"{path}[{index}]", depth + 1)
             if found:
                 return found
     return None
+
+
+def significant_digits(number: Decimal) -> int:
+    """Significant digits of a finite Decimal, exactly (`normalize()` would first round to
+    the context's 28 digits, so a 31-digit number would count as 28)."""
+    digits = number.as_tuple().digits
+    end = len(digits)
+    while end > 1 and digits[end - 1] == 0:
+        end -= 1
+    start = 0
+    while start < end - 1 and digits[start] == 0:
+        start += 1
+    return end - start if any(digits) else 0
 
 
 _UUID_TEXTS: dict[UUID, str] = {}
@@ -180,17 +222,6 @@ def uuid_text(value: UUID) -> str:
             _UUID_TEXTS.clear()
         text = _UUID_TEXTS[value] = str(value)
     return text
-
-
-def json_default(value: object) -> object:
-    """`json.dumps` default for Decimals parsed from metadata: ints stay exact, others float."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 # Errors pydantic-core raises itself are reported by field, with the rule of contract §1.
@@ -211,9 +242,6 @@ _OWN_CODES = {
     "timestamp_without_offset",
     "user_required",
 }
-
-# Floats become Decimals (exact quantities); NaN and Infinity are refused as not JSON.
-_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
 def _pydantic_to_invalid(error: ValidationError) -> InvalidEvent:
@@ -255,8 +283,8 @@ def parse_event(
     except UnicodeDecodeError as error:
         raise InvalidEvent("not_utf8", f"not UTF-8 at byte {error.start}") from None
     try:
-        document = _DECODER.decode(text)
-    except (ValueError, RecursionError, InvalidOperation) as error:
+        document = decode_json(text)
+    except (ValueError, RecursionError) as error:
         raise InvalidEvent("not_json", f"not JSON: {str(error)[:200]}") from None
     return validate_event(
         document, now=now, lateness_window=lateness_window, future_tolerance=future_tolerance
@@ -296,6 +324,47 @@ def validate_event(
             "occurred_at",
         )
     return event
+
+
+# How far back a Kafka record's timestamp may carry the time an event was judged at. A
+# consumer that lags less than this judges every event as it was judged when accepted; one
+# that lags more judges against `now - MAX_ACCEPTANCE_DELAY`. Retention keeps raw events
+# (and their dedupe keys) for the lateness window plus this, see metering.storage.retention.
+MAX_ACCEPTANCE_DELAY = timedelta(days=1)
+
+
+def accepted_at(timestamp_ms: int | None, now: datetime) -> datetime:
+    """The time a consumed event's lateness and future tolerance are judged against: when it
+    was accepted, not when it happens to be read.
+
+    That is the Kafka record's timestamp: the API sets it to the instant it validated the
+    event (so an event answered 202 is never refused later for the consumer's lag), other
+    producers' clients to when they sent it, or the broker to when it appended it
+    (LogAppendTime). It is trusted within [now - MAX_ACCEPTANCE_DELAY, now]: a producer's
+    clock ahead of ours cannot widen the future tolerance, and a stale or missing timestamp
+    cannot reopen a window retention has closed.
+    """
+    if timestamp_ms is None or timestamp_ms < 0:
+        return now
+    moment = _EPOCH + timedelta(milliseconds=timestamp_ms)
+    return min(max(moment, now - MAX_ACCEPTANCE_DELAY), now)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def timestamp_ms(moment: datetime) -> int:
+    """`moment` as a Kafka record timestamp: whole milliseconds since the epoch, exactly
+    (`accepted_at` turns it back into the same instant when `moment` has no microseconds)."""
+    return (moment - _EPOCH) // _MILLISECOND
+
+
+def now_to_the_millisecond() -> datetime:
+    """The current UTC time without its microseconds: an instant a Kafka timestamp can carry
+    exactly, so an event judged at it is judged the same way by the consumer."""
+    now = utc_now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def utc_now() -> datetime:

@@ -12,7 +12,7 @@ from aiokafka.errors import KafkaError
 from metering.config import Settings
 from metering.errors import DependencyUnavailable
 from metering.metrics import DependencyMetrics
-from metering.storage.pool import TRANSIENT_DB_ERRORS
+from metering.storage.pool import PERMANENT_DB_ERRORS, TRANSIENT_DB_ERRORS
 
 T = TypeVar("T")
 log = logging.getLogger("metering.retry")
@@ -28,10 +28,12 @@ async def retry_until_done(
     metrics: DependencyMetrics,
     min_delay: float,
     max_delay: float,
+    permanent: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Run `operation` until it succeeds, sleeping min_delay, 2x, 4x... up to max_delay
-    after each transient failure. Other exceptions propagate at once; cancellation
-    (shutdown) propagates too, so nothing after the failed step runs.
+    after each transient failure. Other exceptions propagate at once, as do the subclasses
+    of a transient class listed in `permanent`; cancellation (shutdown) propagates too, so
+    nothing after the failed step runs.
     """
     delay = min_delay
     attempt = 0
@@ -39,6 +41,8 @@ async def retry_until_done(
         try:
             result = await operation()
         except transient as error:
+            if isinstance(error, permanent):
+                raise
             attempt += 1
             metrics.retries.labels(dependency).inc()
             metrics.up.labels(dependency).set(0)
@@ -64,6 +68,7 @@ async def retry_postgres(
         operation,
         dependency="postgres",
         transient=TRANSIENT_DB_ERRORS,
+        permanent=PERMANENT_DB_ERRORS,
         metrics=metrics,
         min_delay=settings.retry_min_seconds,
         max_delay=settings.retry_max_seconds,

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import date
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -29,13 +29,20 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metering.api.ingest import RejectedRequest, events_from_body
 from metering.config import Settings
-from metering.kafka_batches import publish_batches
+from metering.kafka_batches import EventPublisher
 from metering.metrics import LATENCY_BUCKETS
-from metering.models import ID_PATTERN, EventType, utc_now
+from metering.models import (
+    ID_PATTERN,
+    EventType,
+    now_to_the_millisecond,
+    quantity_from_text,
+    timestamp_ms,
+)
 from metering.partitioner import OrgKeyPartitioner
 from metering.storage.keys import ApiKey, KeyStore
 from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
@@ -239,10 +246,11 @@ def create_app(settings: Settings) -> FastAPI:
             partitioner=partitioner,
         )
         await producer.start()
+        publisher = EventPublisher(producer, partitioner, settings.events_topic)
         state.update(
             pool=pool,
             producer=producer,
-            partitioner=partitioner,
+            publisher=publisher,
             keys=KeyStore(pool),
             reads=ReadStore(pool),
             subscriptions=SubscriptionStore(pool),
@@ -250,6 +258,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await publisher.close()
             await producer.stop()
             await pool.close()
 
@@ -398,11 +407,14 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(
                 415, "unsupported_media_type", "send application/json or CloudEvents JSON"
             )
+        # The instant the events are judged at travels with them as their Kafka timestamp,
+        # so the consumer judges lateness the same way (metering.models.accepted_at).
+        accepted = now_to_the_millisecond()
         try:
             events = events_from_body(
                 bytes(body),
                 content_type,
-                now=utc_now(),
+                now=accepted,
                 lateness_window=settings.lateness_window,
                 future_tolerance=settings.future_tolerance,
             )
@@ -424,14 +436,11 @@ def create_app(settings: Settings) -> FastAPI:
                     for i in foreign
                 ],
             )
-        producer: AIOKafkaProducer = state["producer"]
+        publisher: EventPublisher = state["publisher"]
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_SECONDS):
-                await publish_batches(
-                    producer,
-                    state["partitioner"],
-                    settings.events_topic,
-                    [(e.key, e.payload) for e in events],
+                await publisher.publish(
+                    [(e.key, e.payload) for e in events], timestamp_ms=timestamp_ms(accepted)
                 )
         except (KafkaError, TimeoutError, OSError) as error:
             # Some events may be on Kafka already: a retry of the same request is safe,
@@ -492,13 +501,9 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> dict[str, Any]:
         for_org(key, org_id)
         try:
-            requested = Decimal(quantity)
-            if not requested.is_finite() or requested < 0:
-                raise InvalidOperation
-        except (InvalidOperation, ValueError):
-            raise ApiError(
-                400, "invalid_quantity", "quantity must be a finite number >= 0"
-            ) from None
+            requested = quantity_from_text(quantity)
+        except PydanticCustomError as error:
+            raise ApiError(400, error.type, f"quantity: {error}") from None
         result = await state["reads"].check(org_id, feature_key, requested)
         if result is None:
             raise ApiError(404, "unknown_feature", f"no plan has the feature {feature_key!r}")

@@ -15,13 +15,12 @@ any other attribute is an extension and is kept in metadata under `ce_<name>`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 from metering.errors import InvalidEvent, MeteringError
+from metering.event_json import decode_json
 from metering.models import MAX_EVENT_BYTES, UsageEvent, validate_event
 
 MAX_EVENTS_PER_REQUEST = 1000
@@ -126,9 +125,15 @@ def events_from_body(
     """
     media = content_type.split(";", 1)[0].strip().lower()
     try:
-        document = json.loads(body, parse_float=Decimal)
-    except (ValueError, RecursionError):
-        raise RejectedRequest(400, "malformed_json", "the body is not valid JSON") from None
+        document = decode_json(body.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise RejectedRequest(
+            400, "malformed_json", f"the body is not UTF-8 (at byte {error.start})"
+        ) from None
+    except (ValueError, RecursionError) as error:
+        raise RejectedRequest(
+            400, "malformed_json", f"the body is not valid JSON: {str(error)[:200]}"
+        ) from None
     cloudevents = media in {CLOUDEVENTS, CLOUDEVENTS_BATCH}
     items = document if isinstance(document, list) else [document]
     if media == CLOUDEVENTS_BATCH and not isinstance(document, list):

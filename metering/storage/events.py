@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from uuid import UUID
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as ArgumentEncodingError
 
-from metering.models import UsageEvent, json_default
+from metering.event_json import dump_json
+from metering.models import UsageEvent
 
 # One statement: claim the ids no one stored yet, store exactly those events. The claim and
 # the store commit together or not at all, so an id is never marked seen without its
@@ -57,20 +58,34 @@ ENSURE_PARTITIONS = "SELECT ensure_usage_event_partitions($1::date, $2::date)"
 # Errors that say "this row's data" rather than "this database": a value PostgreSQL cannot
 # convert or a CHECK it breaks. Validation should have refused such an event already; if
 # one slips through, `write_isolating` finds it so that it alone is set aside.
-REFUSED_BY_DATABASE: tuple[type[asyncpg.PostgresError], ...] = (
+# Classes, not single errors: any data exception (SQLSTATE class 22), any integrity
+# violation (class 23: CHECK, NOT NULL, a row no partition takes), a row beyond a program
+# limit (class 54), and asyncpg's own refusal to encode an argument.
+REFUSED_BY_DATABASE: tuple[type[Exception], ...] = (
     asyncpg.DataError,
-    asyncpg.CheckViolationError,
-    asyncpg.NotNullViolationError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ArgumentEncodingError,
 )
 
 
 @dataclass(frozen=True)
 class IncomingEvent:
-    """A validated event and where it came from (kept on the row for audits)."""
+    """A validated event and where it came from (kept on the row for audits).
+
+    Its metadata's JSON text is made here, once, so that anything about one event that
+    cannot be written fails while that event is still on its own (the consumer dead-letters
+    it) and never inside a batch's statement.
+    """
 
     event: UsageEvent
     partition: int | None = None
     offset: int | None = None
+    metadata_json: str | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        metadata = self.event.metadata
+        object.__setattr__(self, "metadata_json", None if metadata is None else dump_json(metadata))
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,8 @@ class EventStore:
                         stored += await conn.fetchval(STORE_NEW_EVENTS, *columns)
                 except REFUSED_BY_DATABASE as error:
                     if len(chunk) == 1:
-                        refused.append(RefusedEvent(chunk[0], error.sqlstate, str(error)))
+                        state = getattr(error, "sqlstate", None) or "asyncpg"
+                        refused.append(RefusedEvent(chunk[0], state, str(error)))
                     else:
                         middle = len(chunk) // 2
                         pending += [chunk[middle:], chunk[:middle]]  # first half next
@@ -210,9 +226,7 @@ def _columns(chunk: Sequence[IncomingEvent]) -> tuple[tuple[list[object], ...], 
         columns[3].append(event.user_id)
         columns[4].append(str(event.quantity))  # as text: 3x cheaper to send than numeric
         columns[5].append(event.occurred_at)
-        columns[6].append(
-            None if event.metadata is None else json.dumps(event.metadata, default=json_default)
-        )
+        columns[6].append(item.metadata_json)
         columns[7].append(item.partition)
         columns[8].append(item.offset)
     return columns, {org for org, _ in first_copy}

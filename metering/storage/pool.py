@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 
 import asyncpg
+from asyncpg.exceptions._base import DataError as ArgumentEncodingError
 
 from metering.config import Settings
 
 # Errors after which the same work may succeed if tried again: the server went away,
 # restarted, refused connections for a while, or picked us as a deadlock victim.
+# asyncpg's refusal to encode a query argument (a value of the wrong type or range) is an
+# InterfaceError, as a lost connection is, but retrying it can never succeed.
+PERMANENT_DB_ERRORS: tuple[type[BaseException], ...] = (ArgumentEncodingError,)
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     ConnectionError,

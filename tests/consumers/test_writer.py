@@ -31,6 +31,7 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: int | None = None
 
 
 async def test_an_event_the_database_refuses_is_dead_lettered_alone(

@@ -12,7 +12,6 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import date
 from typing import Any
 
 from faststream import AckPolicy, FastStream
@@ -39,15 +38,8 @@ PARTITION_CHECK_SECONDS = 3600.0
 KAFKA_PROBE_SECONDS = 2.0
 
 
-def _month(day: date, months: int) -> date:
-    index = day.year * 12 + day.month - 1 + months
-    return date(index // 12, index % 12 + 1, 1)
-
-
 async def keep_partitions_ahead(
-    store: EventStore,
-    every_seconds: float = PARTITION_CHECK_SECONDS,
-    today: Callable[[], date] = date.today,
+    store: EventStore, every_seconds: float = PARTITION_CHECK_SECONDS
 ) -> None:
     """Every `every_seconds`, create the monthly partitions from two months back to two
     months ahead, so a consumer that runs for months never writes into the default
@@ -57,9 +49,8 @@ async def keep_partitions_ahead(
     rows). Runs until cancelled."""
     while True:
         await asyncio.sleep(every_seconds)
-        day = today()
         try:
-            created = await store.ensure_partitions(_month(day, -2), _month(day, 2))
+            created = await store.ensure_partitions_around_today()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -151,8 +142,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
             metrics=dependencies,
         )
         store = EventStore(pool)
-        today = date.today()
-        await store.ensure_partitions(_month(today, -2), _month(today, 2))
+        await store.ensure_partitions_around_today()
         dead_letters = DeadLetterPublisher(settings)
         await retry_kafka(
             dead_letters.start,

@@ -720,34 +720,35 @@ def serve(ctx: click.Context, port: int | None, host: str, workers: int) -> None
     """Serve the HTTP API (uvicorn; SIGTERM/Ctrl-C finish in-flight requests, then stop).
 
     OpenAPI at /openapi.json; every /v1 call needs a key from `metering keys create`.
+    Limits per process: headers within 10 s of connecting and at most 64 KiB, a body within
+    30 s and at most ~16 MiB, 5 s idle between requests, 4,000 connections
+    (metering/api/server.py; put a reverse proxy in front for per-client limits).
     """
     import uvicorn
 
     from metering.api.app import create_app
+    from metering.api.server import configure, raise_descriptor_limit, server_options
 
     settings = _settings(ctx)
+    configure(settings)
+    raise_descriptor_limit()
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port or settings.http_port,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 20,
+        "access_log": False,
+        **server_options(),
+    }
     if workers > 1:
         uvicorn.run(
             "metering.api.app:create_app_from_environment",
             factory=True,
             workers=workers,
-            host=host,
-            port=port or settings.http_port,
-            log_level="warning",
-            timeout_graceful_shutdown=20,
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
+            **common,
         )
         return
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port or settings.http_port,
-        log_level="warning",
-        timeout_graceful_shutdown=20,
-        access_log=False,
-    )
+    uvicorn.run(create_app(settings), **common)
 
 
 # ----------------------------------------------------------------- keys

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     lateness_window: timedelta = timedelta(days=35)
     future_tolerance: timedelta = timedelta(minutes=5)
     http_port: int = 8080
+    # HTTP limits of `metering serve` (metering/api/server.py): how long a request's headers
+    # and body may take to arrive; a slow or idle client is answered 408 and closed.
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=30.0, gt=0)
     metrics_port: int = 9101
 
     consumer_group: str = "metering-writer"
@@ -96,6 +100,8 @@ class Settings(BaseSettings):
             "CONSUMER_BATCH_SIZE": str(self.consumer_batch_size),
             "RETRY_MAX_SECONDS": str(self.retry_max_seconds),
             "DEV_DIR": str(self.dev_dir),
+            "HTTP_HEADER_TIMEOUT_SECONDS": str(self.http_header_timeout_seconds),
+            "HTTP_BODY_TIMEOUT_SECONDS": str(self.http_body_timeout_seconds),
         }
         return {f"METERING_{name}": value for name, value in values.items()}
 

@@ -31,8 +31,10 @@ from prometheus_client import (
 from pydantic import BaseModel, Field
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from metering.api.ingest import RejectedRequest, events_from_body
+from metering.api.server import MAX_BODY_BYTES
 from metering.config import Settings
 from metering.kafka_batches import EventPublisher
 from metering.metrics import LATENCY_BUCKETS
@@ -49,8 +51,6 @@ from metering.storage.pool import TRANSIENT_DB_ERRORS, create_pool
 from metering.storage.reads import ReadStore, SubscriptionStore
 
 log = logging.getLogger("metering.api")
-# 1,000 events of at most 16 KiB each, plus the array's punctuation.
-MAX_BODY_BYTES = 1000 * 16 * 1024 + 64 * 1024
 PUBLISH_TIMEOUT_SECONDS = 10.0
 
 
@@ -303,6 +303,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         return error_response(error.status_code, "http_error", str(error.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(_: Request, __: ClientDisconnect) -> Response:
+        # The client left while sending its body: nothing was published, no one reads the
+        # answer. Not an error of ours (it was logged with a traceback and counted as 500).
+        return Response(status_code=499)
 
     @app.exception_handler(asyncpg.DataError)
     async def on_bad_value(_: Request, error: asyncpg.DataError) -> JSONResponse:
@@ -603,9 +609,12 @@ def create_app(settings: Settings) -> FastAPI:
 def create_app_from_environment() -> FastAPI:
     """App factory for `metering serve --workers N`: each worker process reads the
     environment once (metering/config.py) and builds its own app, pools and producer."""
+    from metering.api.server import configure
     from metering.config import load_settings
 
-    return create_app(load_settings())
+    settings = load_settings()
+    configure(settings)  # this worker's connections get the configured timeouts
+    return create_app(settings)
 
 
 def _jsonable(result: dict[str, Any]) -> dict[str, Any]:

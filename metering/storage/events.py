@@ -54,6 +54,9 @@ ON CONFLICT (org_id) DO NOTHING
 RECORD_BATCH = "INSERT INTO ingest_batches (events) VALUES ($1)"
 
 ENSURE_PARTITIONS = "SELECT ensure_usage_event_partitions($1::date, $2::date)"
+# The writer's only way to make partitions: two months back to two ahead of the database's
+# today (migration 014); a range of its choosing is the owner's.
+ENSURE_PARTITIONS_AROUND_TODAY = "SELECT ensure_usage_event_partitions_around_today()"
 
 # Errors that say "this row's data" rather than "this database": a value PostgreSQL cannot
 # convert or a CHECK it breaks. Validation should have refused such an event already; if
@@ -111,9 +114,17 @@ class EventStore:
         self._known_orgs: set[UUID] = set()
 
     async def ensure_partitions(self, first_month: date, last_month: date) -> int:
-        """Create the monthly partitions between the two months; return how many were new."""
+        """Create the monthly partitions between the two months; return how many were new.
+        Needs the owner's privileges (the writer role uses `ensure_partitions_around_today`)."""
         async with self._pool.acquire() as conn:
             created: int = await conn.fetchval(ENSURE_PARTITIONS, first_month, last_month)
+            return created
+
+    async def ensure_partitions_around_today(self) -> int:
+        """Create the partitions from two months before the database's today to two months
+        after; return how many were new. Allowed to the writer role."""
+        async with self._pool.acquire() as conn:
+            created: int = await conn.fetchval(ENSURE_PARTITIONS_AROUND_TODAY)
             return created
 
     async def write_batch(self, batch: Sequence[IncomingEvent]) -> WriteResult:

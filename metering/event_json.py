@@ -4,11 +4,16 @@ Every entry point decodes with `decode_json` (the API's request bodies, the cons
 messages, the CLI's files), so what one accepts the others store. The bounds exist because a
 JSON number is cheap to send and can be expensive to convert: `1e600000` costs seconds of
 CPU as an integer, `1e-999999999` a gigabyte as fixed-point text, and a 5,000-digit integer
-cannot be written by `json.dumps` at all. So a number token is checked as text first:
+cannot be written by `json.dumps` at all. So a number token is checked as text first (at
+most `MAX_NUMBER_CHARS` characters, which makes converting it cheap), then as a number:
 
-- at most `MAX_NUMBER_CHARS` characters (sign, digits, point and exponent included), and
+- at most `MAX_NUMBER_DIGITS` digits (significant ones and trailing zeros of the mantissa:
+  `1000` has 4, `1e3` and `0.001` have 1), and
 - zero, or a magnitude between 1e-308 and 1e308 (`MAX_EXPONENT`: what any JSON reader can
   hold as a double).
+
+These are properties of the number, not of its spelling, so the text `dump_json` writes for
+an accepted number is accepted again (the API re-serialises what the consumer re-reads).
 
 A number outside them is not an error of the decoder: it decodes to an `OutOfRangeNumber`, so
 the validator can name the field that holds it (`quantity`, `metadata.x.y`). Non-integer
@@ -23,7 +28,8 @@ from decimal import Decimal, InvalidOperation
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-MAX_NUMBER_CHARS = 64
+MAX_NUMBER_CHARS = 400  # room for 0.000...(308 zeros)...1 and a long exponent
+MAX_NUMBER_DIGITS = 64
 MAX_EXPONENT = 308
 _ZERO = Decimal(0)
 
@@ -38,7 +44,7 @@ class OutOfRangeNumber:
 
     def describe(self) -> str:
         return (
-            f"the number {self.text} is out of range (at most {MAX_NUMBER_CHARS} characters, "
+            f"the number {self.text} is out of range (at most {MAX_NUMBER_DIGITS} digits, "
             f"and zero or between 1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT} in magnitude)"
         )
 
@@ -47,7 +53,8 @@ class OutOfRangeNumber:
 
 
 def _int(text: str) -> int | OutOfRangeNumber:
-    if len(text) > MAX_NUMBER_CHARS:
+    # JSON integers have no leading zeros: the digits are the text without its sign
+    if len(text) - text.startswith("-") > MAX_NUMBER_DIGITS:
         return OutOfRangeNumber(text)
     return int(text)
 
@@ -61,7 +68,7 @@ def _decimal(text: str) -> Decimal | OutOfRangeNumber:
         return OutOfRangeNumber(text)
     if not number:
         return _ZERO  # "0e99999" would otherwise print as 99,999 zeros
-    if abs(number.adjusted()) > MAX_EXPONENT:
+    if abs(number.adjusted()) > MAX_EXPONENT or len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
         return OutOfRangeNumber(text)
     return number
 

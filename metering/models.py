@@ -105,16 +105,16 @@ class UsageEvent(BaseModel):
         """Serialise to the wire form of contract section 1 (exact decimals, RFC 3339).
 
         Built directly: id and type are restricted to characters JSON never escapes, the
-        ids are UUIDs, the time is ISO text, the quantity exact fixed-point text (bounded by
-        validation), and metadata goes through `dump_json` (numbers digit for digit). Hot
-        path of ingestion over HTTP.
+        ids are UUIDs, the time is ISO text, the quantity is its Decimal's own text (`1.5`,
+        `1E-70`: the same digits, so it passes the same bounds again) and metadata goes
+        through `dump_json`. Hot path of ingestion over HTTP.
         """
         user = f'"{uuid_text(self.user_id)}"' if self.user_id is not None else "null"
         metadata = "" if self.metadata is None else ',"metadata":' + dump_json(self.metadata)
         return (
             f'{{"id":"{self.id}","type":"{self.type.value}","org_id":"{uuid_text(self.org_id)}",'
             f'"user_id":{user},"occurred_at":"{self.occurred_at.isoformat()}"{metadata},'
-            f'"quantity":{format(self.quantity, "f")}}}'
+            f'"quantity":{self.quantity}}}'
         ).encode()
 
     def partition_key(self) -> bytes:

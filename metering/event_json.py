@@ -68,7 +68,10 @@ def _decimal(text: str) -> Decimal | OutOfRangeNumber:
         return OutOfRangeNumber(text)
     if not number:
         return _ZERO  # "0e99999" would otherwise print as 99,999 zeros
-    if abs(number.adjusted()) > MAX_EXPONENT or len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
+    if abs(number.adjusted()) > MAX_EXPONENT:
+        return OutOfRangeNumber(text)
+    # a number has no more digits than its text has characters: count only for long ones
+    if len(text) > MAX_NUMBER_DIGITS and len(number.as_tuple().digits) > MAX_NUMBER_DIGITS:
         return OutOfRangeNumber(text)
     return number
 
@@ -105,22 +108,23 @@ def dump_json(value: Any) -> str:
 
 
 def _write_exact(value: Any, out: list[str]) -> None:
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is Decimal:
+        out.append(str(value))  # e.g. 1.5, 1E+5, -0.25: all valid JSON numbers
+    elif kind is str:
         out.append(encode_basestring_ascii(value))
+    elif kind is int:
+        out.append(int.__repr__(value))
     elif value is None:
         out.append("null")
     elif value is True:
         out.append("true")
     elif value is False:
         out.append("false")
-    elif isinstance(value, int):
-        out.append(int.__repr__(value))
-    elif isinstance(value, Decimal) and value.is_finite():
-        out.append(str(value))  # e.g. 1.5, 1E+5, -0.25: all valid JSON numbers
-    elif isinstance(value, dict):
+    elif kind is dict:
         out.append("{")
         for index, (key, item) in enumerate(value.items()):
-            if not isinstance(key, str):
+            if type(key) is not str:
                 raise TypeError(f"JSON object keys are strings, not {type(key).__name__}")
             if index:
                 out.append(",")
@@ -128,12 +132,15 @@ def _write_exact(value: Any, out: list[str]) -> None:
             out.append(":")
             _write_exact(item, out)
         out.append("}")
-    elif isinstance(value, list):
+    elif kind is list:
         out.append("[")
         for index, item in enumerate(value):
             if index:
                 out.append(",")
-            _write_exact(item, out)
+            if type(item) is Decimal:
+                out.append(str(item))
+            else:
+                _write_exact(item, out)
         out.append("]")
     else:
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        raise TypeError(f"not JSON serialisable: {kind.__name__}")

@@ -172,28 +172,36 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
+_PLAIN = frozenset({int, Decimal, bool, type(None)})  # decoded values that are always storable
+
+
 def metadata_problem(value: object, path: str = "metadata", depth: int = 1) -> str | None:
     """Why a decoded metadata value cannot be stored as it is (naming where), or None."""
-    if isinstance(value, str):
-        problem = _text_problem(value)
+    kind = type(value)
+    if kind in _PLAIN:
+        return None
+    if kind is str:
+        problem = _text_problem(value)  # type: ignore[arg-type]
         return None if problem is None else f"{path} holds {problem}"
-    if isinstance(value, OutOfRangeNumber):
-        return f"{path}: {value.describe()}"
-    if isinstance(value, dict | list) and depth > MAX_METADATA_DEPTH:
+    if kind is OutOfRangeNumber:
+        return f"{path}: {value.describe()}"  # type: ignore[attr-defined]
+    if depth > MAX_METADATA_DEPTH:
         return f"{path} is nested deeper than {MAX_METADATA_DEPTH} levels"
-    if isinstance(value, dict):
-        for key, item in value.items():
+    if kind is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
             problem = _text_problem(key)
             if problem is not None:
                 return f"a key in {path} holds {problem}"
-            found = metadata_problem(item, f"{path}.{key[:40]}", depth + 1)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = metadata_problem(item, f"{path}[{index}]", depth + 1)
-            if found:
-                return found
+            if type(item) not in _PLAIN:
+                found = metadata_problem(item, f"{path}.{key[:40]}", depth + 1)
+                if found:
+                    return found
+    elif kind is list:
+        for index, item in enumerate(value):  # type: ignore[arg-type]
+            if type(item) not in _PLAIN:
+                found = metadata_problem(item, f"{path}[{index}]", depth + 1)
+                if found:
+                    return found
     return None
 
 

@@ -5,7 +5,6 @@ and the lateness edge judged at acceptance rather than at consumption."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -85,7 +84,6 @@ async def test_numbers_and_nesting_that_once_stopped_the_pipeline_are_dead_lette
         key=str(exact).encode(),
     )
     await producer.flush()
-    started = time.monotonic()
     consumer = start_consumer()
 
     async def all_good_stored() -> bool:
@@ -95,7 +93,6 @@ async def test_numbers_and_nesting_that_once_stopped_the_pipeline_are_dead_lette
     letters = await read_topic(settings, settings.dlq_topic, expected=len(bad))
     codes = {letter.value: dict(letter.headers)["error.code"].decode() for letter in letters}
     assert codes == bad
-    assert time.monotonic() - started < 60
     assert consumer.process.poll() is None, consumer.log_text()
     metrics = scrape(consumer.metrics_port)
     assert metrics['metering_events_dead_lettered_total{reason="invalid_metadata"}'] == 5 * 6

@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 from consumers.dead_letters import DeadLetter, DeadLetterLog, DeadLetterPublisher
@@ -79,11 +80,15 @@ def split_batch(
     now = utc_now()
     valid: list[IncomingEvent] = []
     invalid: list[DeadLetter] = []
+    judged_at: dict[int | None, datetime] = {}  # records of a batch share their milliseconds
     for record in records:
         try:
+            moment = judged_at.get(record.timestamp)
+            if moment is None:
+                moment = judged_at[record.timestamp] = accepted_at(record.timestamp, now)
             event = parse_event(
                 record.value,
-                now=accepted_at(record.timestamp, now),
+                now=moment,
                 lateness_window=settings.lateness_window,
                 future_tolerance=settings.future_tolerance,
             )

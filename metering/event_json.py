@@ -52,11 +52,16 @@ class OutOfRangeNumber:
         return f"OutOfRangeNumber({self.text!r})"
 
 
-def _int(text: str) -> int | OutOfRangeNumber:
-    # JSON integers have no leading zeros: the digits are the text without its sign
-    if len(text) - text.startswith("-") > MAX_NUMBER_DIGITS:
-        return OutOfRangeNumber(text)
-    return int(text)
+_INT_LIMIT = 10**MAX_NUMBER_DIGITS
+
+
+def int_out_of_range(value: int) -> OutOfRangeNumber | None:
+    """Integers are decoded by Python's own parser (the common case, and the fastest: a hook
+    per integer cost ~0.6 µs), which refuses more than 4,300 digits itself; the validator
+    holds them to MAX_NUMBER_DIGITS with this."""
+    if -_INT_LIMIT < value < _INT_LIMIT:
+        return None
+    return OutOfRangeNumber(str(value))
 
 
 def _decimal(text: str) -> Decimal | OutOfRangeNumber:
@@ -80,14 +85,16 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number (NaN and Infinity are not JSON)")
 
 
-_DECODER = json.JSONDecoder(parse_float=_decimal, parse_int=_int, parse_constant=_refuse_constant)
+_DECODER = json.JSONDecoder(parse_float=_decimal, parse_constant=_refuse_constant)
 
 
 def decode_json(text: str) -> Any:
     """Decode JSON text with bounded numbers (see the module docstring).
 
-    Raises ValueError (malformed, NaN/Infinity) or RecursionError (nested too deep for the
-    parser); nothing else for any text. Numbers out of range decode to `OutOfRangeNumber`.
+    Raises ValueError (malformed, NaN/Infinity, an integer of more than 4,300 digits) or
+    RecursionError (nested too deep for the parser); nothing else for any text. Non-integer
+    numbers out of range decode to `OutOfRangeNumber`; integers to `int` (see
+    `int_out_of_range`).
     """
     return _DECODER.decode(text)
 

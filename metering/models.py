@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from metering.errors import InvalidEvent
-from metering.event_json import OutOfRangeNumber, decode_json, dump_json
+from metering.event_json import OutOfRangeNumber, decode_json, dump_json, int_out_of_range
 
 MAX_EVENT_BYTES = 16 * 1024
 MAX_SIGNIFICANT_DIGITS = 18
@@ -131,6 +131,8 @@ def check_quantity(value: object) -> Decimal:
     # bool is an int subclass; strings are refused so "5" cannot pass for 5.
     if type(value) is int and 0 <= value < _EIGHTEEN_DIGITS:
         return Decimal(value)  # the common case: a small whole number
+    if type(value) is int:
+        value = int_out_of_range(value) or value
     if isinstance(value, OutOfRangeNumber):
         raise PydanticCustomError("invalid_quantity", "{what}", {"what": value.describe()})
     if isinstance(value, bool) or not isinstance(value, int | Decimal):
@@ -172,7 +174,7 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
-_PLAIN = frozenset({int, Decimal, bool, type(None)})  # decoded values that are always storable
+_PLAIN = frozenset({Decimal, bool, type(None)})  # decoded values that are always storable
 
 
 def metadata_problem(value: object, path: str = "metadata", depth: int = 1) -> str | None:
@@ -180,6 +182,9 @@ def metadata_problem(value: object, path: str = "metadata", depth: int = 1) -> s
     kind = type(value)
     if kind in _PLAIN:
         return None
+    if kind is int:
+        huge = int_out_of_range(value)  # type: ignore[arg-type]
+        return None if huge is None else f"{path}: {huge.describe()}"
     if kind is str:
         problem = _text_problem(value)  # type: ignore[arg-type]
         return None if problem is None else f"{path} holds {problem}"

@@ -54,7 +54,9 @@ async def test_numbers_and_nesting_that_once_stopped_the_pipeline_are_dead_lette
         ('"metadata":{"x":1e5000}', "invalid_metadata"),
         ('"metadata":{"x":1e600000}', "invalid_metadata"),
         ('"metadata":{"x":1e9999999999999999999}', "invalid_metadata"),
-        ('"metadata":{"x":' + "9" * 5000 + "}", "invalid_metadata"),
+        ('"metadata":{"x":' + "9" * 100 + "}", "invalid_metadata"),
+        # more digits than Python's own integer parser takes: refused while decoding
+        ('"metadata":{"x":' + "9" * 5000 + "}", "not_json"),
         ('"metadata":{"x":NaN}', "not_json"),
         ('"metadata":{"x":-Infinity}', "not_json"),
         ('"metadata":{"deep":' + deep + "}", "invalid_metadata"),

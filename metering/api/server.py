@@ -100,6 +100,11 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if self._refused:
             return
+        if self.cycle is not None and self.cycle.response_started:
+            # answered already (e.g. 413 from the declared length): uvicorn discards the
+            # rest of the body, within the body timeout, and the client reads the answer
+            super().on_body(body)
+            return
         self._body_bytes += len(body)
         if self._body_bytes > MAX_BODY_BYTES:
             self._answer(413, f"the body limit is {MAX_BODY_BYTES} bytes")

@@ -1,4 +1,18 @@
-"""Plain SQL migrations, applied in file-name order, each in one transaction, recorded."""
+"""The schema: versioned migrations for tables and data, repeatable definitions for code.
+
+Two kinds of plain SQL file, applied by `migrate` (Flyway's scheme of versioned and
+repeatable migrations):
+
+- `metering/migrations/NNN_*.sql`, **versioned**: tables, columns, indexes, policies, data.
+  Each is applied once, in name order, in one transaction, and recorded with its checksum;
+  a released file is never edited (an edited one is refused), a change is a new file. The
+  function bodies some of them contain are history: what runs is the definition below.
+- `metering/schema/*.sql`, **repeatable**: the one current definition of every function
+  (`CREATE OR REPLACE`, settings and grants included), one file per area. After the
+  versioned files, all of them are applied again, in name order and in one transaction,
+  whenever one of them changed or a versioned file was applied: so a function's live body is
+  the text of its file, whatever the history of the database.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +35,20 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock(hashtext('metering.migrations'))"
 SELECT_APPLIED = "SELECT name, checksum FROM schema_migrations"
 RECORD_APPLIED = "INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)"
+CREATE_DEFINITIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_definitions (
+    name        text PRIMARY KEY,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+SELECT_DEFINITIONS = "SELECT name, checksum FROM schema_definitions"
+RECORD_DEFINITIONS = """
+INSERT INTO schema_definitions (name, checksum)
+SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT (name) DO UPDATE SET checksum = excluded.checksum, applied_at = now()
+"""
+FORGET_DEFINITIONS = "DELETE FROM schema_definitions WHERE NOT (name = ANY($1::text[]))"
 
 
 @dataclass(frozen=True)
@@ -33,22 +61,72 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def bundled_migrations() -> list[Migration]:
-    """The `.sql` files shipped in `metering/migrations`, in the order they apply."""
-    folder = resources.files("metering") / "migrations"
+def _sql_files(folder_name: str) -> list[Migration]:
+    folder = resources.files("metering") / folder_name
     files = sorted(
         (entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda e: e.name
     )
     return [Migration(entry.name, entry.read_text(encoding="utf-8")) for entry in files]
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
-    """Apply every migration not applied yet; return the names applied now.
+def bundled_migrations() -> list[Migration]:
+    """The versioned `.sql` files shipped in `metering/migrations`, in the order they apply."""
+    return _sql_files("migrations")
 
-    Raises `MigrationError` if a file fails (nothing of it stays) or if an applied file
-    was edited afterwards (its checksum changed): write a new migration instead.
+
+def bundled_definitions() -> list[Migration]:
+    """The repeatable `.sql` files shipped in `metering/schema`, in the order they apply."""
+    return _sql_files("schema")
+
+
+async def migrate(
+    conn: asyncpg.Connection,
+    migrations: list[Migration] | None = None,
+    definitions: list[Migration] | None = None,
+) -> list[str]:
+    """Apply every versioned migration not applied yet, then the repeatable definitions if
+    any changed (or a migration was applied); return the names applied now.
+
+    Raises `MigrationError` if a file fails (nothing of it stays) or if an applied versioned
+    file was edited afterwards (its checksum changed): write a new migration instead.
     """
-    pending_all = migrations if migrations is not None else bundled_migrations()
+    applied_now = await _apply_versioned(
+        conn, migrations if migrations is not None else bundled_migrations()
+    )
+    if definitions is None and migrations is not None:
+        return applied_now  # a caller applying its own migrations only (tests)
+    return applied_now + await _apply_definitions(
+        conn,
+        definitions if definitions is not None else bundled_definitions(),
+        force=bool(applied_now),
+    )
+
+
+async def _apply_definitions(
+    conn: asyncpg.Connection, definitions: list[Migration], *, force: bool
+) -> list[str]:
+    """All of `definitions`, in one transaction, when one differs from what was applied
+    last (or `force`); none otherwise. A definition dropped from the package is forgotten
+    (the object it defined is dropped by the versioned migration that retires it)."""
+    await conn.execute(CREATE_DEFINITIONS_TABLE)
+    async with conn.transaction():
+        await conn.execute(LOCK_MIGRATIONS)
+        recorded = {row["name"]: row["checksum"] for row in await conn.fetch(SELECT_DEFINITIONS)}
+        current = {d.name: d.checksum for d in definitions}
+        if not force and recorded == current:
+            return []
+        for definition in definitions:
+            try:
+                await conn.execute(definition.sql)
+            except asyncpg.PostgresError as error:
+                raise MigrationError(definition.name, str(error)) from error
+        names = [d.name for d in definitions]
+        await conn.execute(RECORD_DEFINITIONS, names, [d.checksum for d in definitions])
+        await conn.execute(FORGET_DEFINITIONS, names)
+        return names
+
+
+async def _apply_versioned(conn: asyncpg.Connection, pending_all: list[Migration]) -> list[str]:
     await conn.execute(CREATE_MIGRATIONS_TABLE)
     applied_now: list[str] = []
     for migration in pending_all:

@@ -1,0 +1,29 @@
+-- Repeatable definitions (see metering/storage/migrations.py): the one current text of
+-- these functions. Edit here; `metering migrate` re-applies this folder when it changes.
+--
+-- Helpers used by tables' defaults, checks and triggers.
+
+-- Trigger function: keeps updated_at current on org_subscriptions.
+CREATE OR REPLACE FUNCTION public.set_updated_at()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END;
+$function$;
+
+-- Used by the CHECK on org_subscriptions.timezone: an IANA zone PostgreSQL knows.
+CREATE OR REPLACE FUNCTION public.is_valid_timezone(name text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+BEGIN
+    PERFORM now() AT TIME ZONE name;
+    RETURN true;
+EXCEPTION WHEN invalid_parameter_value THEN
+    RETURN false;
+END;
+$function$;

@@ -1,6 +1,6 @@
 """`metering aggregate`: the incremental aggregation loop and the crossing publisher.
 
-Each pass is one transaction (storage.aggregates.AggregateStore.run_pass). Crossings are
+Each pass is one transaction (aggregator.store.AggregateStore.run_pass). Crossings are
 written in that transaction (an outbox) and published to the limits topic after it
 commits, exactly once (aggregator.publisher: Kafka transactions, fencing, and a read-back
 of the topic after a restart). One aggregator leads at a time (storage.lease); others
@@ -21,12 +21,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from aggregator.limits import Crossing, LimitUsage, crossings
 from aggregator.publisher import CrossingPublisher
+from aggregator.store import AggregateStore, PassResult
 from metering.config import Settings
 from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics, observe_many
 from metering.models import utc_now
 from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_kafka, retry_postgres
-from metering.storage.aggregates import AggregateStore, PassResult
 from metering.storage.lease import AggregatorLease
 from metering.storage.pool import create_pool
 

@@ -31,8 +31,8 @@ import time
 import asyncpg
 
 from aggregator.service import decide_crossings
+from aggregator.store import AggregateStore
 from bench.common import fresh_environment, machine
-from metering.storage.aggregates import AggregateStore
 
 ORGS = 1000
 SIXTY_DAYS = 60 * 86400

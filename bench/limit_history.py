@@ -24,9 +24,9 @@ import asyncpg
 
 from aggregator.limits import THRESHOLDS
 from aggregator.service import decide_crossings
+from aggregator.store import AggregateStore
 from bench.aggregate import GENERATE, ORGS, prepare_orgs
 from bench.common import fresh_environment, machine
-from metering.storage.aggregates import AggregateStore
 
 TOUCHED_THIS_MONTH = """
 SELECT array_agg(org_id), array_agg(event_type), array_agg(period_start), array_agg(value)

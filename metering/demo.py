@@ -17,8 +17,7 @@ from aiokafka import AIOKafkaConsumer
 
 from metering.client import UsageClient
 from metering.config import Settings
-from metering.storage.aggregates import AggregateStore
-from metering.storage.reads import SubscriptionStore
+from metering.storage.reads import ReadStore, SubscriptionStore
 from metering.topics import committed_reader
 
 DEMO_ORGS = {
@@ -59,9 +58,10 @@ async def publish_samples(settings: Settings, seconds: float = 60) -> None:
             await subscriptions.put(
                 org, plan, "active", 5, 1, "Europe/Berlin" if plan == "pro" else "UTC"
             )
-        store = AggregateStore(pool)
+        store = ReadStore(pool)  # the API's access check: one path for every reader
         free = DEMO_ORGS["free"]
-        before = await store.check_access(free, "max_api_calls_per_month", Decimal(1))
+        before = await store.check(free, "max_api_calls_per_month", Decimal(1))
+        assert before is not None  # a seeded feature key
         say(
             "organizations, one per plan: "
             + ", ".join(f"{plan} {org}" for plan, org in DEMO_ORGS.items())
@@ -85,7 +85,7 @@ async def publish_samples(settings: Settings, seconds: float = 60) -> None:
 
 
 async def _traffic(
-    settings: Settings, store: AggregateStore, limits: AIOKafkaConsumer, seconds: float
+    settings: Settings, store: ReadStore, limits: AIOKafkaConsumer, seconds: float
 ) -> None:
     rng = random.Random()
     users = [uuid.uuid4() for _ in range(12)]
@@ -111,8 +111,8 @@ async def _traffic(
             sent += 1
             await client.flush()
             if not flipped:
-                check = await store.check_access(free, "max_api_calls_per_month", Decimal(1))
-                if not check["allowed"]:
+                check = await store.check(free, "max_api_calls_per_month", Decimal(1))
+                if check is not None and not check["allowed"]:
                     flipped = True
                     say(
                         f"after {time.monotonic() - started:.0f}s and {sent} events: free org used "

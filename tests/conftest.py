@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -12,7 +13,9 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -251,10 +254,10 @@ class Server:
     log: Path
 
 
-@pytest.fixture
-def server(settings: Settings, tmp_path: Path) -> Iterator[Server]:
+@contextmanager
+def serving(settings: Settings, log: Path) -> Iterator[Server]:
+    """`metering serve` with `settings` on a free port, until the block ends."""
     port = free_port()
-    log = tmp_path / "serve.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "metering", "serve", "--port", str(port)],
         env=settings.child_environment(),
@@ -272,9 +275,35 @@ def server(settings: Settings, tmp_path: Path) -> Iterator[Server]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"serve did not start:\n{log.read_text()}") from None
             time.sleep(0.1)
-    yield Server(url, process, log)
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        yield Server(url, process, log)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(settings: Settings, tmp_path: Path) -> Iterator[Server]:
+    with serving(settings, tmp_path / "serve.log") as running:
+        yield running
+
+
+def usage_event_text(org: uuid.UUID, event_id: str, occurred_at: datetime | None = None) -> str:
+    """A valid api_call event of `org`, as JSON text (occurred now unless given)."""
+    return json.dumps(
+        {
+            "id": event_id,
+            "type": "api_call",
+            "org_id": str(org),
+            "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(),
+        }
+    )
+
+
+def with_field(raw: str, fragment: str) -> str:
+    """The JSON object text `raw` with a field given as text (`"quantity":1e5`) added first:
+    for values json.dumps cannot write (huge exponents, NaN)."""
+    return "{" + fragment + "," + raw[1:]
 
 
 @pytest.fixture

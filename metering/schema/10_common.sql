@@ -1,5 +1,5 @@
 -- Repeatable definitions (see metering/storage/migrations.py): the one current text of
--- these functions. Edit here; `metering migrate` re-applies this folder when it changes.
+-- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
 --
 -- Helpers used by tables' defaults, checks and triggers.
 

@@ -1,5 +1,5 @@
 -- Repeatable definitions (see metering/storage/migrations.py): the one current text of
--- these functions. Edit here; `metering migrate` re-applies this folder when it changes.
+-- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
 --
 -- Monthly partitions of usage_events. The owner creates any range; the consumer
 -- (metering_writer) only the months around the database's today (migration 014).

@@ -1,5 +1,5 @@
 -- Repeatable definitions (see metering/storage/migrations.py): the one current text of
--- these functions. Edit here; `metering migrate` re-applies this folder when it changes.
+-- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
 --
 -- Retention: drops whole monthly partitions of raw events older than a horizon, and their
 -- dedupe keys; aggregates are kept (billing history). The lateness-window guard is in

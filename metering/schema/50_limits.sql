@@ -1,8 +1,9 @@
 -- Repeatable definitions (see metering/storage/migrations.py): the one current text of
--- these functions. Edit here; `metering migrate` re-applies this folder when it changes.
+-- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
 --
--- Limits: what counts as "used" for a limit, the access check of contract section 4, and
--- the crossings the pass records. One definition of "used" (usage_for_limit) serves both.
+-- Limits: what counts as "used" for a limit and the access check of contract section 4.
+-- One definition of "used" (usage_for_limit) serves the check and the crossings the
+-- aggregator records (aggregator/schema/45_crossings.sql).
 
 -- Usage of one org against one limit key for the period holding `month` (lifetime keys:
 -- every month; max_seats: the subscription's seats in use).
@@ -45,60 +46,6 @@ BEGIN
     END IF;
     RETURN used / kind.limit_unit;
 END;
-$function$;
-
--- For the limits the pass touched: their usage and the thresholds already recorded.
-CREATE OR REPLACE FUNCTION public.touched_limit_usage(p_orgs uuid[], p_types text[], p_months date[], p_values numeric[], p_thresholds integer[])
- RETURNS TABLE(org_id uuid, feature_key text, period text, period_start date, used numeric, limit_value bigint, notified integer)
- LANGUAGE sql
- STABLE
-AS $function$
-    WITH touched AS (
-        -- a lifetime limit once, however many of its months the pass wrote
-        SELECT DISTINCT ON (g.org_id, t.limit_key, CASE WHEN t.lifetime THEN NULL ELSE g.month END)
-               g.org_id, t.event_type, t.limit_key, t.lifetime, t.limit_unit,
-               CASE WHEN t.lifetime THEN NULL ELSE g.month END AS month, g.value
-        FROM unnest(p_orgs, p_types, p_months, p_values) AS g (org_id, event_type, month, value)
-        JOIN event_types t ON t.event_type = g.event_type
-    ), measured AS (
-        SELECT x.org_id, x.limit_key, x.lifetime, x.month, pf.limit_value,
-               CASE WHEN x.limit_unit = 1 THEN m.amount ELSE m.amount / x.limit_unit END AS used
-        FROM touched x
-        LEFT JOIN org_subscriptions s ON s.org_id = x.org_id
-        JOIN plan_features pf ON pf.plan = coalesce(s.plan, 'free')
-                             AND pf.feature_key = x.limit_key
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN x.lifetime
-                        THEN (SELECT coalesce(sum(a.value), 0) FROM usage_aggregations a
-                              WHERE a.org_id = x.org_id AND a.event_type = x.event_type
-                                AND a.period = 'month')
-                        ELSE x.value END AS amount
-        ) m
-        WHERE pf.limit_value <> -1
-    ), reached AS (
-        SELECT r.* FROM measured r
-        WHERE CASE WHEN r.limit_value = 0 THEN r.used > 0
-                   ELSE r.used * 100 >= r.limit_value * (SELECT min(t) FROM unnest(p_thresholds) t)
-              END
-    )
-    SELECT r.org_id, r.limit_key, CASE WHEN r.lifetime THEN 'lifetime' ELSE 'month' END,
-           r.month, r.used, r.limit_value, n.notified
-    FROM reached r
-    CROSS JOIN LATERAL (
-        SELECT coalesce(bit_or(1 << (array_position(p_thresholds, q.threshold_percent) - 1)),
-                        0) AS notified
-        FROM (
-            SELECT l.threshold_percent FROM limit_notifications l
-            WHERE l.org_id = r.org_id AND l.feature_key = r.limit_key
-              AND l.period_start = r.month
-            UNION ALL
-            SELECT l.threshold_percent FROM limit_notifications l
-            WHERE r.lifetime AND l.org_id = r.org_id AND l.feature_key = r.limit_key
-              AND l.period_start IS NULL
-        ) q
-        WHERE q.threshold_percent = ANY (p_thresholds)
-    ) n
-    WHERE n.notified <> (1 << cardinality(p_thresholds)) - 1
 $function$;
 
 -- The access check (contract section 4): limit, used, remaining, allowed.

@@ -7,8 +7,9 @@ repeatable migrations):
   Each is applied once, in name order, in one transaction, and recorded with its checksum;
   a released file is never edited (an edited one is refused), a change is a new file. The
   function bodies some of them contain are history: what runs is the definition below.
-- `metering/schema/*.sql`, **repeatable**: the one current definition of every function
-  (`CREATE OR REPLACE`, settings and grants included), one file per area. After the
+- `metering/schema/*.sql` and `aggregator/schema/*.sql`, **repeatable**: the one current
+  definition of every function (`CREATE OR REPLACE`, settings and grants included), one
+  file per area, kept by the package that calls it. After the
   versioned files, all of them are applied again, in name order and in one transaction,
   whenever one of them changed or a versioned file was applied: so a function's live body is
   the text of its file, whatever the history of the database.
@@ -61,12 +62,26 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def _sql_files(folder_name: str) -> list[Migration]:
-    folder = resources.files("metering") / folder_name
-    files = sorted(
-        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda e: e.name
-    )
-    return [Migration(entry.name, entry.read_text(encoding="utf-8")) for entry in files]
+# Packages whose `schema/` folder holds repeatable definitions: each area owns its SQL (the
+# aggregator's pass, recompute and limit checks ship with it). Read as package data by name;
+# no code of those packages is imported here.
+DEFINITION_PACKAGES = ("metering", "aggregator")
+
+
+def _sql_files(folder_name: str, packages: tuple[str, ...] = ("metering",)) -> list[Migration]:
+    entries = [
+        entry
+        for package in packages
+        for entry in (resources.files(package) / folder_name).iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise MigrationError(folder_name, f"two packages ship a file of the same name: {names}")
+    return [
+        Migration(entry.name, entry.read_text(encoding="utf-8"))
+        for entry in sorted(entries, key=lambda e: e.name)
+    ]
 
 
 def bundled_migrations() -> list[Migration]:
@@ -75,8 +90,9 @@ def bundled_migrations() -> list[Migration]:
 
 
 def bundled_definitions() -> list[Migration]:
-    """The repeatable `.sql` files shipped in `metering/schema`, in the order they apply."""
-    return _sql_files("schema")
+    """The repeatable `.sql` files of every package's `schema/` folder (`metering/schema`,
+    `aggregator/schema`), in the order of their names (which says the order they apply)."""
+    return _sql_files("schema", DEFINITION_PACKAGES)
 
 
 async def migrate(

@@ -20,10 +20,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from aggregator.service import Aggregator
+from aggregator.store import AggregateStore
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics
 from metering.models import EventType, UsageEvent
-from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore, IncomingEvent
 from tests.conftest import ROOT, free_port
 

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry
 
 from aggregator.limits import THRESHOLDS, Crossing, LimitUsage, thresholds_reached
 from aggregator.service import Aggregator, decide_crossings
+from aggregator.store import AggregateStore, notified_set
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics
 from metering.models import EventType, UsageEvent
-from metering.storage.aggregates import AggregateStore, notified_set
 from metering.storage.events import EventStore, IncomingEvent
 from tests.aggregator.conftest import Events, aggregates, subscribe
 from tests.conftest import ROOT

@@ -23,11 +23,11 @@ from prometheus_client import CollectorRegistry
 from aggregator.limits import Crossing
 from aggregator.publisher import CrossingPublisher
 from aggregator.service import Aggregator
+from aggregator.store import AggregateStore
 from metering.config import Settings
 from metering.devenv.services import DevServices
 from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics
-from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore
 from tests.aggregator.conftest import Events, aggregate_process, says, subscribe
 from tests.conftest import (

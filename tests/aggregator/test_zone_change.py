@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from aggregator.service import Aggregator
-from metering.storage.aggregates import AggregateStore
+from aggregator.store import AggregateStore
 from metering.storage.events import EventStore
 from tests.aggregator.conftest import Events, aggregates, subscribe
 

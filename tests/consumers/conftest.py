@@ -16,6 +16,18 @@ from aiokafka import AIOKafkaProducer
 from metering.config import Settings
 
 
+@dataclass(frozen=True)
+class Record:
+    """The parts of a Kafka record the batch writer reads (consumers.writer.KafkaRecord)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None = None
+
+
 @dataclass
 class PublishedStream:
     """What a test published: the distinct valid keys it expects to find stored."""

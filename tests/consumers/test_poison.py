@@ -4,7 +4,6 @@ and the lateness edge judged at acceptance rather than at consumption."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,25 +16,15 @@ from confluent_kafka import Producer as LibrdkafkaProducer
 from metering.config import Settings
 from metering.models import timestamp_ms
 from tests.conftest import ConsumerProcess, async_wait_for, read_topic
+from tests.conftest import usage_event_text as event
+from tests.conftest import with_field as add_field
 from tests.consumers.conftest import scrape, stored_count
 
 pytestmark = pytest.mark.services
 
 
-def event(org: uuid.UUID, event_id: str, occurred_at: datetime | None = None) -> str:
-    return json.dumps(
-        {
-            "id": event_id,
-            "type": "api_call",
-            "org_id": str(org),
-            "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(),
-        }
-    )
-
-
 def with_field(raw: str, fragment: str) -> bytes:
-    """`raw` with a JSON fragment (a field and its value, as text) added first."""
-    return ("{" + fragment + "," + raw[1:]).encode()
+    return add_field(raw, fragment).encode()
 
 
 async def test_numbers_and_nesting_that_once_stopped_the_pipeline_are_dead_lettered(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
@@ -15,16 +14,7 @@ from consumers.dead_letters import DeadLetter, DeadLetterLog
 from consumers.writer import UNPROCESSABLE, split_batch
 from metering.config import Settings
 from metering.models import timestamp_ms
-
-
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int | None = None
+from tests.consumers.conftest import Record
 
 
 def message(event_id: str, **metadata: object) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,18 +19,9 @@ from metering.metrics import ConsumerMetrics
 from metering.models import UsageEvent
 from metering.retry import KAFKA_TRANSIENT_ERRORS
 from tests.conftest import read_topic
+from tests.consumers.conftest import Record
 
 pytestmark = pytest.mark.services
-
-
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int | None = None
 
 
 async def test_an_event_the_database_refuses_is_dead_lettered_alone(

@@ -9,7 +9,7 @@ from itertools import pairwise
 
 import pytest
 
-from metering.cli import month_windows
+from metering.calendar import month_windows
 from metering.config import Settings, child_environment
 from metering.devenv.services import DevServices
 from tests.conftest import ROOT, free_port

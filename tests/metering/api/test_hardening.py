@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -24,57 +21,31 @@ import httpx
 import pytest
 
 from metering.config import Settings
-from tests.conftest import ROOT, ConsumerProcess, Server, async_wait_for, free_port
+from tests.conftest import (
+    ConsumerProcess,
+    Server,
+    async_wait_for,
+    serving,
+    with_field,
+)
+from tests.conftest import (
+    usage_event_text as event,
+)
 
 pytestmark = pytest.mark.services
-
-
-def event(org: uuid.UUID, event_id: str, occurred_at: datetime | None = None) -> str:
-    return json.dumps(
-        {
-            "id": event_id,
-            "type": "api_call",
-            "org_id": str(org),
-            "occurred_at": (occurred_at or datetime.now(UTC)).isoformat(),
-        }
-    )
-
-
-def with_field(raw: str, fragment: str) -> str:
-    return "{" + fragment + "," + raw[1:]
 
 
 @pytest.fixture
 def quick_server(settings: Settings, tmp_path: Path) -> Iterator[Server]:
     """`metering serve` with short header and body timeouts (1 s and 2 s)."""
-    port = free_port()
-    log = tmp_path / "serve.log"
-    env = settings.model_copy(
+    quick = settings.model_copy(
         update={"http_header_timeout_seconds": 1.0, "http_body_timeout_seconds": 2.0}
-    ).child_environment()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "metering", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"serve did not start:\n{log.read_text()}") from None
-            time.sleep(0.1)
-    yield Server(url, process, log)
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(quick, tmp_path / "serve.log") as running:
+        yield running
 
 
-async def test_bad_numbers_get_4xx_quickly_and_never_block_the_loop(
+async def test_bad_numbers_get_4xx_while_other_requests_are_answered(
     server: Server,
     make_key,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -82,13 +53,17 @@ async def test_bad_numbers_get_4xx_quickly_and_never_block_the_loop(
     org = uuid.uuid4()
     ingest = {"Authorization": f"Bearer {await make_key('ingest')}"}
     read = {"Authorization": f"Bearer {await make_key('read')}"}
-    bodies = {
+    bodies: dict[str, tuple[int | set[int], str | set[str]]] = {
         '"metadata":{"x":1e5000}': (422, "invalid_metadata"),
         '"metadata":{"x":1e600000}': (422, "invalid_metadata"),
         '"metadata":{"x":1e9999999999999999999}': (422, "invalid_metadata"),
         '"metadata":{"x":NaN}': (400, "malformed_json"),
         '"metadata":{"x":Infinity}': (400, "malformed_json"),
-        '"metadata":{"deep":' + "[" * 950 + "]" * 950 + "}": (422, "invalid_metadata"),
+        # refused by the depth rule (32) or, this deep, by the parser itself: either way a 4xx
+        '"metadata":{"deep":' + "[" * 950 + "]" * 950 + "}": (
+            {400, 422},
+            {"invalid_metadata", "malformed_json"},
+        ),
         '"quantity":1e-999999999': (422, "invalid_quantity"),
         '"quantity":1234567890123456789012345678901': (422, "quantity_too_precise"),
     }
@@ -100,10 +75,11 @@ async def test_bad_numbers_get_4xx_quickly_and_never_block_the_loop(
                 client.get("/healthz"),
             )
             assert health.status_code == 200
-            assert answer.status_code == status, (fragment[:40], answer.text)
+            statuses = status if isinstance(status, set) else {status}
+            assert answer.status_code in statuses, (fragment[:40], answer.text)
             detail = answer.json()
             codes = {e["code"] for e in detail.get("errors", [])} or {detail["code"]}
-            assert codes == {code}, (fragment[:40], detail)
+            assert codes <= (code if isinstance(code, set) else {code}), (fragment[:40], detail)
         for quantity in ("1e9999", "1e131072", "1e-999999999", "NaN", "-1", "abc"):
             answer = await client.get(
                 f"/v1/orgs/{org}/features/max_api_calls_per_month",

@@ -1,6 +1,7 @@
 """The schema's two paths end in the same database (issue 36): built from scratch, or
 upgraded from the v0.1 release (migrations 001-013) with data in it, on the real PostgreSQL.
-And every function has one current definition, in one file of metering/schema/."""
+And every function has one current definition, in one file of metering/schema/ or
+aggregator/schema/."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from aggregator.service import Aggregator
+from aggregator.store import AggregateStore
 from metering.config import Settings
 from metering.metrics import AggregatorMetrics
 from metering.models import EventType, UsageEvent
-from metering.storage.aggregates import AggregateStore
 from metering.storage.events import EventStore, IncomingEvent
 from metering.storage.migrations import bundled_definitions, bundled_migrations, migrate
 
@@ -167,7 +168,7 @@ async def test_built_from_scratch_and_upgraded_from_v0_1_are_the_same_database(
 async def test_every_function_has_one_current_definition_in_one_file(
     db: asyncpg.Connection,
 ) -> None:
-    """A reader finds a function's live body in metering/schema/, once, without replaying
+    """A reader finds a function's live body in a schema/ folder, once, without replaying
     migrations; and what runs is that text."""
     defined: dict[str, list[str]] = {}
     for definition in bundled_definitions():

@@ -1,5 +1,5 @@
 -- Repeatable definitions (see metering/storage/migrations.py): the one current text of
--- these functions. Edit here; `metering migrate` re-applies this folder when it changes.
+-- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
 --
 -- Aggregation: how usage_events become usage_aggregations (day and month rows per org and
 -- event type, in the org's time zone), incrementally (the pass) and from scratch (the

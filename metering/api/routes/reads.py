@@ -1,0 +1,115 @@
+"""Reads: usage, the access check, entitlements, plans (as the reader role, per org)."""
+
+import json
+from datetime import date
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic_core import PydanticCustomError
+
+from metering.api.dependencies import State, api_key, for_org, scoped
+from metering.api.errors import ApiError
+from metering.api.schemas import (
+    ERRORS,
+    Access,
+    Entitlements,
+    OrgId,
+    Plan,
+    PlanFeature,
+    Usage,
+    UsageRow,
+)
+from metering.models import quantity_from_text
+from metering.storage.keys import ApiKey
+
+router = APIRouter()
+
+
+@router.get("/v1/orgs/{org_id}/usage", response_model=Usage, responses=ERRORS, tags=["read"])
+async def usage(
+    org_id: OrgId,
+    state: State,
+    key: Annotated[ApiKey, Depends(scoped("read"))],
+    period: Literal["day", "month"] = "month",
+    from_: Annotated[
+        date | None, Query(alias="from", description="first period start (date)")
+    ] = None,
+    to: Annotated[date | None, Query(description="period starts before this date")] = None,
+    type: Annotated[str | None, Query(max_length=64, description="only this event type")] = None,
+) -> Usage:
+    for_org(key, org_id)
+    rows = await state.reads.usage(org_id, period, from_, to, type)
+    return Usage(
+        org_id=org_id,
+        period=period,
+        rows=[
+            UsageRow(
+                event_type=r["event_type"],
+                period=r["period"],
+                period_start=r["period_start"],
+                value=format(r["value"].normalize(), "f"),
+                event_count=r["event_count"],
+                updated_at=r["updated_at"].isoformat(),
+            )
+            for r in rows
+        ],
+    )
+
+
+@router.get(
+    "/v1/orgs/{org_id}/features/{feature_key}",
+    response_model=Access,
+    responses=ERRORS,
+    tags=["read"],
+)
+async def feature(
+    org_id: OrgId,
+    state: State,
+    feature_key: Annotated[str, Path(max_length=64)],
+    key: Annotated[ApiKey, Depends(scoped("read"))],
+    quantity: Annotated[str, Query(max_length=40, description="quantity requested")] = "1",
+) -> dict[str, Any]:
+    for_org(key, org_id)
+    try:
+        requested = quantity_from_text(quantity)
+    except PydanticCustomError as error:
+        raise ApiError(400, error.type, f"quantity: {error}") from None
+    result = await state.reads.check(org_id, feature_key, requested)
+    if result is None:
+        raise ApiError(404, "unknown_feature", f"no plan has the feature {feature_key!r}")
+    return _jsonable(result)
+
+
+@router.get(
+    "/v1/orgs/{org_id}/entitlements",
+    response_model=Entitlements,
+    responses=ERRORS,
+    tags=["read"],
+)
+async def entitlements(
+    org_id: OrgId, state: State, key: Annotated[ApiKey, Depends(scoped("read"))]
+) -> dict[str, Any]:
+    for_org(key, org_id)
+    return {
+        "org_id": org_id,
+        "features": [_jsonable(f) for f in await state.reads.entitlements(org_id)],
+    }
+
+
+@router.get("/v1/plans", response_model=list[Plan], responses=ERRORS, tags=["read"])
+async def plans(state: State, _: Annotated[ApiKey, Depends(api_key)]) -> list[Plan]:
+    grouped: dict[str, list[PlanFeature]] = {}
+    for row in await state.reads.plans():
+        grouped.setdefault(row["plan"], []).append(
+            PlanFeature(
+                feature_key=row["feature_key"],
+                limit_value=row["limit_value"],
+                flags=json.loads(row["flags"]),
+            )
+        )
+    return [Plan(plan=name, features=features) for name, features in grouped.items()]
+
+
+def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, Decimal) else v) for k, v in result.items()}

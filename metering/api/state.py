@@ -1,0 +1,89 @@
+"""What the API's lifespan owns, typed: the pool, the producer and the stores built on them."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
+
+from metering.api.observability import ApiMetrics
+from metering.config import Settings
+from metering.kafka_batches import EventPublisher
+from metering.partitioner import OrgKeyPartitioner
+from metering.storage.keys import KeyStore
+from metering.storage.pool import create_pool
+from metering.storage.reads import ReadStore, SubscriptionStore
+
+# Bodies larger than INLINE_BODY_BYTES are validated in a worker thread, at most this many
+# at a time (routes/ingest.py).
+PARALLEL_LARGE_BODIES = 2
+
+
+@dataclass
+class AppState:
+    """One per process, on `app.state.metering` while the app runs."""
+
+    settings: Settings
+    registry: CollectorRegistry
+    metrics: ApiMetrics
+    pool: asyncpg.Pool
+    producer: AIOKafkaProducer
+    publisher: EventPublisher
+    keys: KeyStore
+    reads: ReadStore
+    subscriptions: SubscriptionStore
+    parsing: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
+    )
+
+
+def lifespan_for(
+    settings: Settings, registry: CollectorRegistry, metrics: ApiMetrics
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The lifespan that opens, publishes on `app.state.metering` and closes what AppState
+    holds."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(settings, max_size=10)
+        partitioner = OrgKeyPartitioner()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_batch_size=512 * 1024,
+            partitioner=partitioner,
+        )
+        await producer.start()
+        publisher = EventPublisher(producer, partitioner, settings.events_topic)
+        app.state.metering = AppState(
+            settings=settings,
+            registry=registry,
+            metrics=metrics,
+            pool=pool,
+            producer=producer,
+            publisher=publisher,
+            keys=KeyStore(pool),
+            reads=ReadStore(pool),
+            subscriptions=SubscriptionStore(pool),
+        )
+        try:
+            yield
+        finally:
+            await publisher.close()
+            await producer.stop()
+            await pool.close()
+
+    return lifespan
+
+
+def app_state(request: Request) -> AppState:
+    """FastAPI dependency: this process's AppState."""
+    state = request.app.state.metering
+    assert isinstance(state, AppState)
+    return state

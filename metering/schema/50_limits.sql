@@ -99,20 +99,27 @@ AS $function$
 $function$;
 
 -- The organization a metering_reader session may read (row-level security policies):
--- honoured only in the service's own session (migration 014).
+-- honoured only in the service's own session, i.e. a login that is a member of the role
+-- owning the tables (migration 014). Generated here with that role's name as a literal:
+-- looking the owner up in pg_class inside the function (and a SET clause, which stops the
+-- planner inlining it) made every access check cost 1.0 instead of 0.26 ms, evaluated in
+-- each statement under RLS. Re-applied by every `metering migrate`, so it follows the owner.
+DO $generate$
+BEGIN
+    EXECUTE format($template$
 CREATE OR REPLACE FUNCTION public.metering_scoped_org()
  RETURNS uuid
  LANGUAGE sql
  STABLE
- SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
     SELECT CASE
-        WHEN pg_has_role(session_user,
-                         (SELECT relowner FROM pg_class WHERE oid = 'public.usage_events'::regclass),
-                         'MEMBER')
+        WHEN pg_has_role(session_user, %L::name, 'MEMBER')
         THEN nullif(current_setting('metering.org_id', true), '')::uuid
     END
-$function$;
+$function$
+$template$, (SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'public.usage_events'::regclass));
+END;
+$generate$;
 
 -- The API's access check in one round trip, as metering_reader scoped to one org.
 CREATE OR REPLACE FUNCTION public.reader_check_feature_access(p_org_id uuid, p_feature_key text, p_requested numeric)

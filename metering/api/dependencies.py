@@ -7,19 +7,17 @@ from uuid import UUID
 from fastapi import Depends, Request
 
 from metering.api.errors import ApiError
-from metering.api.state import AppState, app_state
+from metering.api.state import state_of
 from metering.storage.keys import ApiKey
 
-State = Annotated[AppState, Depends(app_state)]
 
-
-async def api_key(request: Request, state: State) -> ApiKey:
+async def api_key(request: Request) -> ApiKey:
     """The key of `Authorization: Bearer <key>`; 401 when absent, unknown or revoked."""
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise ApiError(401, "unauthenticated", "send Authorization: Bearer <key>")
-    key = await state.keys.authenticate(presented.strip())
+    key = await state_of(request).keys.authenticate(presented.strip())
     if key is None:
         raise ApiError(401, "invalid_key", "the key is unknown or revoked")
     return key

@@ -82,8 +82,9 @@ def lifespan_for(
     return lifespan
 
 
-def app_state(request: Request) -> AppState:
-    """FastAPI dependency: this process's AppState."""
+def state_of(request: Request) -> AppState:
+    """This process's AppState. Read in the handler, not injected: each FastAPI dependency
+    costs the access check CPU (a plain `def` one even a worker thread)."""
     state = request.app.state.metering
     assert isinstance(state, AppState)
     return state

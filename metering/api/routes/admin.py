@@ -3,11 +3,12 @@
 from typing import Annotated
 
 import asyncpg
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from metering.api.dependencies import State, for_org, scoped
+from metering.api.dependencies import for_org, scoped
 from metering.api.errors import ApiError
 from metering.api.schemas import ERRORS, OrgId, SubscriptionIn, SubscriptionOut
+from metering.api.state import state_of
 from metering.storage.keys import ApiKey
 
 router = APIRouter()
@@ -21,10 +22,11 @@ router = APIRouter()
 )
 async def put_subscription(
     org_id: OrgId,
-    state: State,
+    request: Request,
     subscription: SubscriptionIn,
     key: Annotated[ApiKey, Depends(scoped("admin"))],
 ) -> SubscriptionOut:
+    state = state_of(request)
     for_org(key, org_id)
     store = state.subscriptions
     if not await store.plan_exists(subscription.plan):

@@ -6,12 +6,12 @@ from typing import Annotated, Any
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Request
 
-from metering.api.dependencies import State, scoped
+from metering.api.dependencies import scoped
 from metering.api.errors import ApiError
 from metering.api.ingest import RejectedRequest, WireEvent, events_from_body
 from metering.api.schemas import ERRORS, EVENT_EXAMPLE, EVENT_SCHEMA, Accepted
 from metering.api.server import MAX_BODY_BYTES
-from metering.api.state import AppState
+from metering.api.state import AppState, state_of
 from metering.models import now_to_the_millisecond, timestamp_ms
 from metering.storage.keys import ApiKey
 
@@ -82,11 +82,10 @@ async def parse_off_the_loop(
         }
     },
 )
-async def ingest(
-    request: Request, state: State, key: Annotated[ApiKey, Depends(scoped("ingest"))]
-) -> Accepted:
+async def ingest(request: Request, key: Annotated[ApiKey, Depends(scoped("ingest"))]) -> Accepted:
     """All or nothing: 202 only after Kafka acknowledged every event (acks=all); a
     request with any invalid event publishes none and names each bad one by index."""
+    state = state_of(request)
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise ApiError(413, "body_too_large", f"the body limit is {MAX_BODY_BYTES} bytes")

@@ -2,13 +2,13 @@
 
 import asyncio
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from metering.api.dependencies import State
 from metering.api.errors import error_response
 from metering.api.schemas import ErrorBody
+from metering.api.state import state_of
 
 router = APIRouter()
 
@@ -19,7 +19,8 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["operations"], responses={503: {"model": ErrorBody}})
-async def readyz(state: State) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
+    state = state_of(request)
     problems = []
     try:
         async with asyncio.timeout(2):
@@ -37,5 +38,6 @@ async def readyz(state: State) -> JSONResponse:
 
 
 @router.get("/metrics", tags=["operations"], response_class=Response)
-async def prometheus(state: State) -> Response:
+async def prometheus(request: Request) -> Response:
+    state = state_of(request)
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

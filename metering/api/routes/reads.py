@@ -5,10 +5,10 @@ from datetime import date
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic_core import PydanticCustomError
 
-from metering.api.dependencies import State, api_key, for_org, scoped
+from metering.api.dependencies import api_key, for_org, scoped
 from metering.api.errors import ApiError
 from metering.api.schemas import (
     ERRORS,
@@ -20,6 +20,7 @@ from metering.api.schemas import (
     Usage,
     UsageRow,
 )
+from metering.api.state import state_of
 from metering.models import quantity_from_text
 from metering.storage.keys import ApiKey
 
@@ -29,7 +30,7 @@ router = APIRouter()
 @router.get("/v1/orgs/{org_id}/usage", response_model=Usage, responses=ERRORS, tags=["read"])
 async def usage(
     org_id: OrgId,
-    state: State,
+    request: Request,
     key: Annotated[ApiKey, Depends(scoped("read"))],
     period: Literal["day", "month"] = "month",
     from_: Annotated[
@@ -38,6 +39,7 @@ async def usage(
     to: Annotated[date | None, Query(description="period starts before this date")] = None,
     type: Annotated[str | None, Query(max_length=64, description="only this event type")] = None,
 ) -> Usage:
+    state = state_of(request)
     for_org(key, org_id)
     rows = await state.reads.usage(org_id, period, from_, to, type)
     return Usage(
@@ -65,11 +67,12 @@ async def usage(
 )
 async def feature(
     org_id: OrgId,
-    state: State,
+    request: Request,
     feature_key: Annotated[str, Path(max_length=64)],
     key: Annotated[ApiKey, Depends(scoped("read"))],
     quantity: Annotated[str, Query(max_length=40, description="quantity requested")] = "1",
 ) -> dict[str, Any]:
+    state = state_of(request)
     for_org(key, org_id)
     try:
         requested = quantity_from_text(quantity)
@@ -88,8 +91,9 @@ async def feature(
     tags=["read"],
 )
 async def entitlements(
-    org_id: OrgId, state: State, key: Annotated[ApiKey, Depends(scoped("read"))]
+    org_id: OrgId, request: Request, key: Annotated[ApiKey, Depends(scoped("read"))]
 ) -> dict[str, Any]:
+    state = state_of(request)
     for_org(key, org_id)
     return {
         "org_id": org_id,
@@ -98,7 +102,8 @@ async def entitlements(
 
 
 @router.get("/v1/plans", response_model=list[Plan], responses=ERRORS, tags=["read"])
-async def plans(state: State, _: Annotated[ApiKey, Depends(api_key)]) -> list[Plan]:
+async def plans(request: Request, _: Annotated[ApiKey, Depends(api_key)]) -> list[Plan]:
+    state = state_of(request)
     grouped: dict[str, list[PlanFeature]] = {}
     for row in await state.reads.plans():
         grouped.setdefault(row["plan"], []).append(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from metering.config import Settings
-from metering.devenv import services
+from metering.devenv import kafka as services  # the module that resolves the jars
 from metering.devenv.services import DevServices, _kafka_cluster_id
 from metering.errors import DevEnvironmentError
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from metering.errors import InvalidEvent
@@ -51,7 +51,8 @@ class UsageEvent(BaseModel):
     type: EventType
     org_id: UUID
     user_id: UUID | None = None
-    quantity: Decimal = Decimal(1)
+    # a JSON number (not a string), whatever pydantic would say of a Decimal
+    quantity: Annotated[Decimal, WithJsonSchema({"type": "number", "minimum": 0})] = Decimal(1)
     occurred_at: datetime
     metadata: dict[str, Any] | None = None
 
@@ -378,6 +379,28 @@ def now_to_the_millisecond() -> datetime:
     exactly, so an event judged at it is judged the same way by the consumer."""
     now = utc_now()
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+_SCHEMA_NOISE = frozenset({"title", "description", "default"})
+
+
+def event_json_schema() -> dict[str, Any]:
+    """The JSON Schema of an event, from the model (the API's OpenAPI uses it): definitions
+    inlined, so that it can be embedded anywhere; titles and defaults dropped."""
+    schema = UsageEvent.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items() if k not in _SCHEMA_NOISE}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    result: dict[str, Any] = inline(schema)
+    return result
 
 
 def utc_now() -> datetime:

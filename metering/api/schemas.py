@@ -7,7 +7,7 @@ from uuid import UUID
 from fastapi import Path
 from pydantic import BaseModel, Field
 
-from metering.models import ID_PATTERN, EventType
+from metering.models import event_json_schema
 
 OrgId = Annotated[UUID, Path(description="organization UUID")]
 
@@ -104,17 +104,5 @@ EVENT_EXAMPLE = {
     "occurred_at": "2026-11-25T10:00:00Z",
     "metadata": {"path": "/v1/x"},
 }
-EVENT_SCHEMA = {
-    "type": "object",
-    "required": ["id", "type", "org_id", "occurred_at"],
-    "additionalProperties": False,
-    "properties": {
-        "id": {"type": "string", "pattern": ID_PATTERN.pattern},
-        "type": {"type": "string", "enum": [t.value for t in EventType]},
-        "org_id": {"type": "string", "format": "uuid"},
-        "user_id": {"type": ["string", "null"], "format": "uuid"},
-        "quantity": {"type": "number", "minimum": 0},
-        "occurred_at": {"type": "string", "format": "date-time"},
-        "metadata": {"type": "object"},
-    },
-}
+# The event as the model defines it (one definition: metering.models.UsageEvent).
+EVENT_SCHEMA = event_json_schema()

@@ -12,35 +12,11 @@
 -- Crossings already recorded stay recorded (they were sent). A trigger, so that every path
 -- that changes the zone (the API's PUT, an operator's UPDATE) keeps the rule.
 
+-- The trigger's function is defined in aggregator/schema/40_aggregation.sql, applied after
+-- this file by the same `metering migrate`; the trigger needs it to exist, so this
+-- placeholder (which does nothing) stands in until then.
 CREATE FUNCTION reaggregate_org_after_zone_change() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    horizon   timestamptz;
-    first_at  timestamptz;
-    last_at   timestamptz;
-    p         text;
-BEGIN
-    -- the incremental pass holds this lock while it runs: none runs in between
-    PERFORM 1 FROM aggregator_state WHERE name = 'usage' FOR UPDATE;
-    SELECT raw_events_from INTO horizon FROM retention_state WHERE name = 'usage_events';
-    SELECT min(occurred_at), max(occurred_at) INTO first_at, last_at
-    FROM usage_events
-    WHERE org_id = NEW.org_id AND occurred_at >= coalesce(horizon, '-infinity');
-    FOREACH p IN ARRAY ARRAY['day', 'month'] LOOP
-        -- the old zone's rows after the horizon's day; aggregate_usage writes the new ones
-        DELETE FROM usage_aggregations
-        WHERE org_id = NEW.org_id AND period = p
-          AND period_start > coalesce((horizon AT TIME ZONE OLD.timezone)::date, '-infinity'::date);
-        DELETE FROM usage_period_users
-        WHERE org_id = NEW.org_id AND period = p
-          AND period_start > coalesce((horizon AT TIME ZONE OLD.timezone)::date, '-infinity'::date);
-        IF first_at IS NOT NULL THEN
-            PERFORM aggregate_usage(p, first_at, last_at + interval '1 microsecond', NEW.org_id);
-        END IF;
-    END LOOP;
-    RETURN NULL;
-END;
-$$;
+LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
 
 CREATE TRIGGER org_zone_changed
 AFTER UPDATE OF timezone ON org_subscriptions

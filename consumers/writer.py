@@ -96,7 +96,12 @@ def split_batch(
         except InvalidEvent as error:
             invalid.append(_dead_letter(record, error.code, error.reason))
         except Exception as error:
-            log.exception("could not prepare the event at %s[%d]@%d", *_where(record))
+            log.exception(
+                "could not prepare the event at %s[%d]@%d",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
             invalid.append(
                 _dead_letter(
                     record,
@@ -107,10 +112,6 @@ def split_batch(
                 )
             )
     return valid, invalid
-
-
-def _where(record: KafkaRecord) -> tuple[str, int, int]:
-    return record.topic, record.partition, record.offset
 
 
 def _dead_letter(record: KafkaRecord, code: str, reason: str) -> DeadLetter:
@@ -182,7 +183,7 @@ class BatchWriter:
         return BatchOutcome(len(records), result.stored, result.duplicates, len(invalid))
 
     async def _write_setting_refused_aside(
-        self, records: Sequence[KafkaRecord], error: Exception
+        self, records: Sequence[KafkaRecord], error: BaseException
     ) -> tuple[WriteResult, list[DeadLetter]]:
         """The database refused the batch for the data of some event that validation let
         through (a gap in `parse_event`: worth a bug report). Store every other event and
@@ -203,14 +204,10 @@ class BatchWriter:
         for event in refused:
             record = by_position[(event.item.partition, event.item.offset)]
             invalid.append(
-                DeadLetter(
-                    record.value,
-                    record.key,
+                _dead_letter(
+                    record,
                     "refused_by_database",
                     f"PostgreSQL refused the event ({event.sqlstate}): {event.message}",
-                    record.topic,
-                    record.partition,
-                    record.offset,
                 )
             )
         return result, invalid

@@ -10,10 +10,10 @@ from datetime import date
 from uuid import UUID
 
 import asyncpg
-from asyncpg.exceptions._base import DataError as ArgumentEncodingError
 
 from metering.event_json import dump_json
 from metering.models import UsageEvent
+from metering.storage.pool import PERMANENT_DB_ERRORS
 
 # One statement: claim the ids no one stored yet, store exactly those events. The claim and
 # the store commit together or not at all, so an id is never marked seen without its
@@ -64,11 +64,11 @@ ENSURE_PARTITIONS_AROUND_TODAY = "SELECT ensure_usage_event_partitions_around_to
 # Classes, not single errors: any data exception (SQLSTATE class 22), any integrity
 # violation (class 23: CHECK, NOT NULL, a row no partition takes), a row beyond a program
 # limit (class 54), and asyncpg's own refusal to encode an argument.
-REFUSED_BY_DATABASE: tuple[type[Exception], ...] = (
+REFUSED_BY_DATABASE: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.ProgramLimitExceededError,
-    ArgumentEncodingError,
+    *PERMANENT_DB_ERRORS,  # asyncpg refusing to encode an argument
 )
 
 

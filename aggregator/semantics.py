@@ -31,6 +31,8 @@ from enum import StrEnum
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+from metering.meters.definition import MeterSpec, read_event
+
 
 class Kind(StrEnum):
     """The aggregation kinds of `event_types.aggregation`."""
@@ -105,3 +107,90 @@ def expected_aggregates(
     return {
         key: (value_of(kinds[key[1]], members), len(members)) for key, members in groups.items()
     }
+
+
+# --- Meters (contract section 2): every aggregation kind of a meter, by window ----------
+#
+# A meter reads the events of its type (`metering.meters.definition.read_event`: filter,
+# value path, dimensions, skip reasons) and keeps, per organization, dimension values and
+# period (or query window: hour, day, month in a zone), a value and an event count:
+#
+# - `sum`: the sum of the values; `count`: the number of events; `max`: the greatest value;
+# - `latest`: the value of the reading with the greatest `occurred_at` (on equal times the
+#   larger value);
+# - `unique_count`: the number of distinct values (exact: a month is not the sum of days).
+#
+# Skipped events (unreadable for the meter) count in neither value nor event count.
+
+# org, dimensions, window, the window's local start (naive)
+MeterRowKey = tuple[UUID, tuple[tuple[str, str | None], ...], str, datetime]
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as a meter reads it."""
+
+    org_id: UUID
+    occurred_at: datetime
+    quantity: Decimal
+    user_id: UUID | None = None
+    metadata: Mapping[str, object] | None = None
+
+
+def window_start(moment: datetime, window: str, zone: str) -> datetime:
+    """The local start (naive) of the `window` (hour, day, month) holding `moment` in
+    `zone`. Hours are wall-clock hours: the repeated hour of a DST fall-back is one window
+    of two real hours, as `date_trunc('hour', t AT TIME ZONE zone)` makes it."""
+    local = moment.astimezone(ZoneInfo(zone)).replace(tzinfo=None)
+    if window == "hour":
+        return local.replace(minute=0, second=0, microsecond=0)
+    if window == "day":
+        return local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if window == "month":
+        return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    raise ValueError(f"window must be hour, day or month, not {window!r}")
+
+
+def meter_value(aggregation: str, readings: list[tuple[datetime, Decimal | str]]) -> Decimal:
+    """The value of one window's readings (occurred_at, value) for `aggregation`."""
+    if aggregation in ("sum", "count"):
+        return sum((Decimal(v) for _, v in readings), Decimal(0))
+    if aggregation == "max":
+        return max(Decimal(v) for _, v in readings)
+    if aggregation == "latest":
+        return Decimal(max(readings, key=lambda r: (r[0], Decimal(r[1])))[1])
+    if aggregation == "unique_count":
+        return Decimal(len({v for _, v in readings}))
+    raise ValueError(f"no reference for aggregation {aggregation!r}")
+
+
+def expected_meter_usage(
+    spec: MeterSpec,
+    events: Iterable[StoredEvent],
+    zones: Mapping[UUID, str],
+    window: str = "day",
+    zone: str | None = None,
+) -> tuple[dict[MeterRowKey, tuple[Decimal, int]], dict[str, int]]:
+    """Every row a meter makes of `events` by `window`, with (value, event_count), in each
+    organization's zone (`zones`, default UTC) or in `zone` for all; and the events it
+    skipped by reason. Dimensions are (path, value) pairs in `group_by` order."""
+    groups: dict[MeterRowKey, list[tuple[datetime, Decimal | str]]] = defaultdict(list)
+    skipped: dict[str, int] = defaultdict(int)
+    for event in events:
+        user = str(event.user_id) if event.user_id is not None else None
+        reading = read_event(spec, event.quantity, user, dict(event.metadata or {}))
+        if reading is None:
+            continue
+        if reading.skipped is not None:
+            skipped[reading.skipped] += 1
+            continue
+        assert reading.value is not None
+        where = zone or zones.get(event.org_id, "UTC")
+        start = window_start(event.occurred_at, window, where)
+        dimensions = tuple((path, reading.dimensions[path]) for path in spec.group_by)
+        groups[(event.org_id, dimensions, window, start)].append((event.occurred_at, reading.value))
+    rows = {
+        key: (meter_value(spec.aggregation.value, readings), len(readings))
+        for key, readings in groups.items()
+    }
+    return rows, dict(skipped)

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from aggregator.backfill import Backfiller
 from aggregator.limits import Crossing, LimitUsage, crossings
 from aggregator.publisher import CrossingPublisher
 from aggregator.store import AggregateStore, PassResult
@@ -49,6 +50,7 @@ class Aggregator:
         metrics: AggregatorMetrics,
         idle_interval: float = 0.1,
         lease: AggregatorLease | None = None,
+        backfiller: Backfiller | None = None,
     ) -> None:
         """`publisher` None: crossings are recorded, not published. `lease` None: the
         caller guarantees that no other aggregator runs (tests)."""
@@ -58,6 +60,9 @@ class Aggregator:
         self._metrics = metrics
         self._idle_interval = idle_interval
         self._lease = lease
+        self._backfiller = backfiller or Backfiller(store.pool)
+        self._skips_seen: dict[tuple[str, str], int] = {}
+        self.backfilling = False  # a backfill chunk ran in the last run_once
 
     async def run_once(self, *, publish: bool = True) -> PassResult:
         """One pass, then (with `publish`) publish what is pending; retried while a
@@ -86,10 +91,23 @@ class Aggregator:
                 crossing.used,
                 crossing.limit,
             )
+        step = await self._retry_db(self._backfiller.step)
+        self.backfilling = step is not None
+        if step is not None:
+            self._metrics.backfilled.inc(step.events)
+        await self._count_skips()
         if publish and self._publisher is not None:
             await self.publish_pending()
         self._metrics.watermark_lag.set(await self._retry_db(self._store.watermark_lag_seconds))
         return result
+
+    async def _count_skips(self) -> None:
+        skips = await self._retry_db(self._store.meter_skips)
+        for (meter, reason), total in skips.items():
+            new = total - self._skips_seen.get((meter, reason), 0)
+            if new > 0:
+                self._metrics.meter_skipped.labels(meter, reason).inc(new)
+        self._skips_seen = skips
 
     async def publish_pending(self) -> int:
         """Publish every unpublished crossing, a batch per Kafka transaction, marking each
@@ -157,7 +175,7 @@ class Aggregator:
                     publishing.result()  # AggregatorNotActive (fenced), or a bug: stop
                 result = await self.run_once(publish=False)
                 passed.set()
-                if result.events == 0:
+                if result.events == 0 and not self.backfilling:
                     await asyncio.sleep(self._idle_interval)
         finally:
             if publishing is not None:

@@ -77,6 +77,7 @@ WHERE s.name = 'usage' AND e.ingest_xid >= s.watermark_xid
 REAGGREGATE = "SELECT aggregate_usage($1, $2, $3, $4)"
 FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
 CHECK_ACCESS = "SELECT check_feature_access($1, $2, $3, $4)"
+METER_SKIPS = "SELECT meter_key, reason, events FROM meter_skips"
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,16 @@ class AggregateStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def meter_skips(self) -> dict[tuple[str, str], int]:
+        """Events each meter skipped so far, by reason (cumulative, from meter_skips)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(METER_SKIPS)
+        return {(r["meter_key"], r["reason"]): r["events"] for r in rows}
 
     async def run_pass(self, decide: Any, max_events: int | None = None) -> PassResult:
         """One incremental pass, in one REPEATABLE READ transaction: aggregate the events of

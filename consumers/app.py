@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from faststream import AckPolicy, FastStream
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from consumers.dead_letters import DeadLetterPublisher
 from consumers.writer import BatchWriter
 from metering.config import Settings
+from metering.meters.registry import AcceptedTypes
 from metering.metrics import ConsumerMetrics, DependencyMetrics
 from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_kafka, retry_postgres
 from metering.storage.events import EventStore
@@ -143,14 +144,20 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
         )
         store = EventStore(pool)
         await store.ensure_partitions_around_today()
+        stack = AsyncExitStack()
         dead_letters = DeadLetterPublisher(settings)
         await retry_kafka(
             dead_letters.start,
             settings=settings,
             metrics=dependencies,
         )
+        accepted_types = await retry_postgres(
+            lambda: stack.enter_async_context(AcceptedTypes.following(settings)),
+            settings=settings,
+            metrics=dependencies,
+        )
         writer = state["writer"] = BatchWriter(
-            settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS
+            settings, store, dead_letters, metrics, KAFKA_TRANSIENT_ERRORS, accepted_types
         )
         log.info(
             "consuming %s as group %s into %s",
@@ -171,6 +178,7 @@ def build_consumer(settings: Settings, registry: CollectorRegistry | None = None
             await asyncio.gather(*background, return_exceptions=True)
             writer.dead_letter_log.flush()
             await dead_letters.stop()
+            await stack.aclose()
             await pool.close()
             server.shutdown()
             thread.join(timeout=5)

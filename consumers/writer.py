@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
@@ -29,8 +29,9 @@ from typing import Protocol, TypeVar
 from consumers.dead_letters import DeadLetter, DeadLetterLog, DeadLetterPublisher
 from metering.config import Settings
 from metering.errors import InvalidEvent
+from metering.meters.registry import AcceptedTypes
 from metering.metrics import ConsumerMetrics
-from metering.models import accepted_at, parse_event, utc_now
+from metering.models import SEEDED_TYPES, accepted_at, parse_event, utc_now
 from metering.retry import retry_postgres, retry_until_done
 from metering.storage.events import REFUSED_BY_DATABASE, EventStore, IncomingEvent, WriteResult
 
@@ -69,9 +70,12 @@ class BatchOutcome:
 
 
 def split_batch(
-    records: Sequence[KafkaRecord], settings: Settings
+    records: Sequence[KafkaRecord],
+    settings: Settings,
+    known_types: Collection[str] = SEEDED_TYPES,
 ) -> tuple[list[IncomingEvent], list[DeadLetter]]:
     """Validate each record; return the valid events and the dead letters, in input order.
+    `known_types` are the types an active meter reads (others are `unknown_type`).
 
     Never raises for a record: whatever fails for one event (a rule of contract section 1,
     or any error preparing its row, which would be a gap in validation) makes that event
@@ -91,6 +95,7 @@ def split_batch(
                 now=moment,
                 lateness_window=settings.lateness_window,
                 future_tolerance=settings.future_tolerance,
+                known_types=known_types,
             )
             valid.append(IncomingEvent(event, record.partition, record.offset))
         except InvalidEvent as error:
@@ -130,8 +135,11 @@ class BatchWriter:
         dead_letters: DeadLetterPublisher,
         metrics: ConsumerMetrics,
         kafka_errors: tuple[type[BaseException], ...],
+        accepted_types: AcceptedTypes | None = None,
     ) -> None:
+        """`accepted_types` follows the meters (None: the seeded types only)."""
         self._settings = settings
+        self._accepted = accepted_types
         self._store = store
         self._dead_letters = dead_letters
         self._metrics = metrics
@@ -153,7 +161,9 @@ class BatchWriter:
             # Validation runs while Postgres writes the previous chunk (see write_chunks).
             invalid.clear()
             for start in range(0, len(records), VALIDATION_CHUNK):
-                valid, bad = split_batch(records[start : start + VALIDATION_CHUNK], self._settings)
+                valid, bad = split_batch(
+                    records[start : start + VALIDATION_CHUNK], self._settings, self._known_types()
+                )
                 invalid.extend(bad)
                 yield valid
 
@@ -196,7 +206,7 @@ class BatchWriter:
             type(error).__name__,
             error,
         )
-        valid, invalid = split_batch(records, self._settings)
+        valid, invalid = split_batch(records, self._settings, self._known_types())
         result, refused = await self._retry_db(lambda: self._store.write_isolating(valid))
         by_position: dict[tuple[int | None, int | None], KafkaRecord] = {
             (record.partition, record.offset): record for record in records
@@ -211,6 +221,9 @@ class BatchWriter:
                 )
             )
         return result, invalid
+
+    def _known_types(self) -> frozenset[str]:
+        return SEEDED_TYPES if self._accepted is None else self._accepted.current
 
     async def _retry_db(self, operation: Callable[[], Awaitable[T]]) -> T:
         return await retry_postgres(

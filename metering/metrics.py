@@ -127,6 +127,18 @@ class AggregatorMetrics:
             "1 while this aggregator leads (runs passes, publishes), 0 while it stands by.",
             registry=registry,
         )
+        self.meter_skipped = Counter(
+            "metering_meter_skipped",
+            "Events a meter read the type of but could not count (value path missing, not "
+            "a number, a dimension over 128 characters), by meter and reason.",
+            ["meter", "reason"],
+            registry=registry,
+        )
+        self.backfilled = Counter(
+            "metering_meter_backfilled_events",
+            "Stored events counted by the backfill of new meters.",
+            registry=registry,
+        )
         self.published = Counter(
             "metering_limit_notifications_published",
             "Threshold crossings published to the limits topic.",

@@ -8,6 +8,7 @@ that), so one bad message can never take a good one down with it.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -25,6 +26,7 @@ MAX_SIGNIFICANT_DIGITS = 18
 MAX_METADATA_DEPTH = 32
 _EIGHTEEN_DIGITS = 10**MAX_SIGNIFICANT_DIGITS
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 # RFC 3339 date-time: full date, 'T' or space, full time with seconds, mandatory offset.
 RFC3339 = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
@@ -33,6 +35,9 @@ RFC3339 = re.compile(
 
 
 class EventType(StrEnum):
+    """The seven event types of v1, each read by its seeded meter (contract section 2).
+    Other types are opened at run time by meters (`metering.meters.registry`)."""
+
     API_CALL = "api_call"
     RECORD_CREATED = "record_created"
     AUTOMATION_RUN = "automation_run"
@@ -42,19 +47,29 @@ class EventType(StrEnum):
     USER_ACTIVE = "user_active"
 
 
+SEEDED_TYPES: frozenset[str] = frozenset(t.value for t in EventType)
+_SEEDED: dict[str, str] = {t.value: t for t in EventType}
+
+
 class UsageEvent(BaseModel):
     """One accepted usage event. Instances are valid by construction."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: Annotated[str, Field(pattern=ID_PATTERN.pattern)]
-    type: EventType
+    # a seeded type comes back as its EventType member (a str): `event.type is EventType.X`
+    type: Annotated[str, Field(pattern=TYPE_PATTERN.pattern)]
     org_id: UUID
     user_id: UUID | None = None
     # a JSON number (not a string), whatever pydantic would say of a Decimal
     quantity: Annotated[Decimal, WithJsonSchema({"type": "number", "minimum": 0})] = Decimal(1)
     occurred_at: datetime
     metadata: dict[str, Any] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _seeded_type(cls, value: str) -> str:
+        return _SEEDED.get(value, value)
 
     @field_validator("quantity", mode="before")
     @classmethod
@@ -113,7 +128,7 @@ class UsageEvent(BaseModel):
         user = f'"{uuid_text(self.user_id)}"' if self.user_id is not None else "null"
         metadata = "" if self.metadata is None else ',"metadata":' + dump_json(self.metadata)
         return (
-            f'{{"id":"{self.id}","type":"{self.type.value}","org_id":"{uuid_text(self.org_id)}",'
+            f'{{"id":"{self.id}","type":"{self.type}","org_id":"{uuid_text(self.org_id)}",'
             f'"user_id":{user},"occurred_at":"{self.occurred_at.isoformat()}"{metadata},'
             f'"quantity":{self.quantity}}}'
         ).encode()
@@ -241,7 +256,7 @@ def uuid_text(value: UUID) -> str:
 # Errors pydantic-core raises itself are reported by field, with the rule of contract §1.
 _FIELD_CODES = {
     "id": ("invalid_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -"),
-    "type": ("invalid_type", "must be one of: " + ", ".join(t.value for t in EventType)),
+    "type": ("invalid_type", "must be 1-64 characters [a-z][a-z0-9_.]*, e.g. api_call"),
     "org_id": ("invalid_uuid", "must be a UUID string"),
     "user_id": ("invalid_uuid", "must be a UUID string or null"),
     "metadata": ("invalid_metadata", "must be a JSON object"),
@@ -281,8 +296,10 @@ def parse_event(
     now: datetime,
     lateness_window: timedelta,
     future_tolerance: timedelta = timedelta(minutes=5),
+    known_types: Collection[str] = SEEDED_TYPES,
 ) -> UsageEvent:
-    """Validate one message against contract section 1.
+    """Validate one message against contract section 1; `known_types` are the types an
+    active meter reads (others are `unknown_type`).
 
     Returns the event, or raises `InvalidEvent` whose `code` says which rule broke.
     Raises nothing else for any input.
@@ -301,7 +318,11 @@ def parse_event(
     except (ValueError, RecursionError) as error:
         raise InvalidEvent("not_json", f"not JSON: {str(error)[:200]}") from None
     return validate_event(
-        document, now=now, lateness_window=lateness_window, future_tolerance=future_tolerance
+        document,
+        now=now,
+        lateness_window=lateness_window,
+        future_tolerance=future_tolerance,
+        known_types=known_types,
     )
 
 
@@ -311,6 +332,7 @@ def validate_event(
     now: datetime,
     lateness_window: timedelta,
     future_tolerance: timedelta = timedelta(minutes=5),
+    known_types: Collection[str] = SEEDED_TYPES,
 ) -> UsageEvent:
     """Validate an already-decoded JSON document; same promise as `parse_event`."""
     if not isinstance(document, dict):
@@ -321,6 +343,13 @@ def validate_event(
         raise _pydantic_to_invalid(error) from None
     except (ValueError, TypeError, ArithmeticError, RecursionError) as error:
         raise InvalidEvent("invalid_event", str(error)[:200]) from None
+    if event.type not in known_types:
+        raise InvalidEvent(
+            "unknown_type",
+            f"no active meter reads type {event.type!r} (create one first: metering meters "
+            "create; a typo must not pass)",
+            "type",
+        )
     if event.type is EventType.USER_ACTIVE and event.user_id is None:
         raise InvalidEvent("user_required", "user_active events need a user_id", "user_id")
     occurred = event.occurred_at

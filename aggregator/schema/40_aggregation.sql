@@ -19,10 +19,13 @@ AS $function$
 DECLARE
     gauge_types  text[];
     user_types   text[];
+    v1_types     text[];
 BEGIN
+    -- the seeded meters' types (event_types); other meters are counted by count_meter_events
     SELECT coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'gauge_latest'), '{}'),
-           coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'distinct_users'), '{}')
-    INTO gauge_types, user_types
+           coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'distinct_users'), '{}'),
+           array_agg(event_type)
+    INTO gauge_types, user_types, v1_types
     FROM event_types;
 
     WITH located AS MATERIALIZED (
@@ -45,6 +48,7 @@ BEGIN
                        FILTER (WHERE e.event_type = ANY (gauge_types)) AS reading
             FROM usage_events e
             WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+              AND e.event_type = ANY (v1_types)
             GROUP BY 1, 2, 3, 4
         ) q
         LEFT JOIN org_subscriptions s ON s.org_id = q.org_id
@@ -174,7 +178,7 @@ DECLARE
     applied record;
 BEGIN
     SELECT * INTO applied FROM aggregate_new_events(p_from_xid, p_to_xid);
-    events := applied.events;
+    events := applied.events + count_new_meter_events(p_from_xid, p_to_xid);
     measured_at := applied.measured_at;
     received_at := applied.received_at;
     received_events := applied.received_events;
@@ -206,6 +210,7 @@ DECLARE
     unit         interval;
     gauge_types  text[];
     user_types   text[];
+    v1_types     text[];
 BEGIN
     IF p_period NOT IN ('day', 'month') THEN
         RAISE EXCEPTION 'period must be day or month, not %', p_period
@@ -217,8 +222,9 @@ BEGIN
     END IF;
     unit := ('1 ' || p_period)::interval;
     SELECT coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'gauge_latest'), '{}'),
-           coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'distinct_users'), '{}')
-    INTO gauge_types, user_types
+           coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'distinct_users'), '{}'),
+           array_agg(event_type)
+    INTO gauge_types, user_types, v1_types
     FROM event_types;
     SELECT watermark_xid INTO watermark FROM aggregator_state WHERE name = 'usage' FOR UPDATE;
 
@@ -263,7 +269,7 @@ BEGIN
         FROM usage_events e
         JOIN aggregation_windows w ON w.org_id = e.org_id
         WHERE e.occurred_at >= w.first_at AND e.occurred_at < w.end_at
-          AND e.ingest_xid < watermark
+          AND e.ingest_xid < watermark AND e.event_type = ANY (v1_types)
         GROUP BY 1, 2, 3, 4
     )
     SELECT g.org_id, g.event_type, (w.first_start + (g.bucket - 1) * unit)::date AS period_start,

@@ -15,13 +15,14 @@ any other attribute is an extension and is kept in metadata under `ce_<name>`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from metering.errors import InvalidEvent, MeteringError
 from metering.event_json import decode_json
-from metering.models import MAX_EVENT_BYTES, UsageEvent, validate_event
+from metering.models import MAX_EVENT_BYTES, SEEDED_TYPES, UsageEvent, validate_event
 
 MAX_EVENTS_PER_REQUEST = 1000
 CLOUDEVENTS = "application/cloudevents+json"
@@ -117,6 +118,7 @@ def events_from_body(
     now: datetime,
     lateness_window: timedelta,
     future_tolerance: timedelta,
+    known_types: Collection[str] = SEEDED_TYPES,
 ) -> list[WireEvent]:
     """Every event of the request, validated exactly as the consumer validates them, with
     its wire form (the 16 KiB limit applies to those bytes, as published).
@@ -160,6 +162,7 @@ def events_from_body(
                 now=now,
                 lateness_window=lateness_window,
                 future_tolerance=future_tolerance,
+                known_types=known_types,
             )
             payload = event.to_json()
             if len(payload) > MAX_EVENT_BYTES:

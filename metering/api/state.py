@@ -2,7 +2,7 @@
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 from metering.api.observability import ApiMetrics
 from metering.config import Settings
 from metering.kafka_batches import EventPublisher
+from metering.meters.registry import AcceptedTypes
+from metering.meters.store import MeterStore
 from metering.partitioner import OrgKeyPartitioner
 from metering.storage.keys import KeyStore
 from metering.storage.pool import create_pool
@@ -36,6 +38,8 @@ class AppState:
     keys: KeyStore
     reads: ReadStore
     subscriptions: SubscriptionStore
+    meters: MeterStore
+    accepted_types: AcceptedTypes
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
     )
@@ -61,6 +65,8 @@ def lifespan_for(
         )
         await producer.start()
         publisher = EventPublisher(producer, partitioner, settings.events_topic)
+        stack = AsyncExitStack()
+        accepted_types = await stack.enter_async_context(AcceptedTypes.following(settings))
         app.state.metering = AppState(
             settings=settings,
             registry=registry,
@@ -71,10 +77,13 @@ def lifespan_for(
             keys=KeyStore(pool),
             reads=ReadStore(pool),
             subscriptions=SubscriptionStore(pool),
+            meters=MeterStore(pool),
+            accepted_types=accepted_types,
         )
         try:
             yield
         finally:
+            await stack.aclose()
             await publisher.close()
             await producer.stop()
             await pool.close()

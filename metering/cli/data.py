@@ -85,8 +85,7 @@ def send(
             )
             await client.send_event(event)
             click.echo(
-                f"sent {event.type.value} id={event.id} org={event.org_id} "
-                f"quantity={event.quantity}"
+                f"sent {event.type} id={event.id} org={event.org_id} quantity={event.quantity}"
             )
 
     async def many(n: int) -> None:

@@ -233,7 +233,7 @@ def _columns(chunk: Sequence[IncomingEvent]) -> tuple[tuple[list[object], ...], 
         event = item.event
         columns[0].append(event.org_id)
         columns[1].append(event.id)
-        columns[2].append(event.type.value)
+        columns[2].append(str(event.type))
         columns[3].append(event.user_id)
         columns[4].append(str(event.quantity))  # as text: 3x cheaper to send than numeric
         columns[5].append(event.occurred_at)

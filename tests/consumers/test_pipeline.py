@@ -55,7 +55,8 @@ def invalid_messages(org: uuid.UUID) -> list[tuple[bytes, str]]:
         (b"this is not json", "not_json"),
         (b"\xc3\x28 invalid utf-8", "not_utf8"),
         (body(type="user_active"), "user_required"),
-        (body(type="api_calls"), "invalid_type"),
+        (body(type="api_calls"), "unknown_type"),  # contract v2: no meter reads it
+        (body(type="Api-Call"), "invalid_type"),
         (body(id="no spaces allowed"), "invalid_id"),
         # valid JSON that PostgreSQL's jsonb cannot store: once, it failed its whole batch
         (body(metadata={"note": "a\x00b"}), "invalid_metadata"),

@@ -72,7 +72,10 @@ def test_quantity_defaults_to_one() -> None:
         (json.dumps(event(id="")).encode(), "invalid_id"),
         (json.dumps(event(id="has space")).encode(), "invalid_id"),
         (json.dumps(event(id="x" * 129)).encode(), "invalid_id"),
-        (json.dumps(event(type="api_calls")).encode(), "invalid_type"),
+        # contract v2: a well-formed type no meter reads is unknown, a malformed one invalid
+        (json.dumps(event(type="api_calls")).encode(), "unknown_type"),
+        (json.dumps(event(type="API CALL")).encode(), "invalid_type"),
+        (json.dumps(event(type=7)).encode(), "invalid_type"),
         (json.dumps(event(org_id="not-a-uuid")).encode(), "invalid_uuid"),
         (json.dumps(event(org_id=12)).encode(), "invalid_uuid"),
         (json.dumps(event(user_id="nope")).encode(), "invalid_uuid"),

@@ -108,6 +108,7 @@ async def ingest(request: Request, key: Annotated[ApiKey, Depends(scoped("ingest
             now=accepted,
             lateness_window=state.settings.lateness_window,
             future_tolerance=state.settings.future_tolerance,
+            known_types=state.accepted_types.current,
         )
     except RejectedRequest as rejected:
         raise ApiError(

@@ -1,0 +1,175 @@
+-- Repeatable definitions (see metering/storage/migrations.py): the one current text of
+-- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
+--
+-- Meters that are not builtin (migration 016): how their events become meter_aggregations.
+-- The seeded meters are counted by aggregate_new_events (40_aggregation.sql) as in v1.
+--
+-- One statement counts a set of events for a set of meters and merges the result into the
+-- stored rows. Every merge is commutative and associative (sum and count add, max takes the
+-- greater, latest the reading with the greater (occurred_at, value), unique_count adds the
+-- values not seen before in meter_unique_values), so the incremental pass and a backfill
+-- may interleave in any order: what matters is that each event is counted by exactly one of
+-- them (meters.counted_from_xid draws the line). The plain-Python statement of these rules
+-- is aggregator/semantics.py; the tests hold the SQL to it.
+
+-- Counts, for the meters `p_keys` (every meter that is not builtin or archived when NULL),
+-- the events written by the transactions in [p_from_xid, p_to_xid) that occurred in
+-- [p_from_at, p_to_at) (any time when NULL); returns how many (event, meter) pairs it
+-- counted. Skipped events are added to meter_skips.
+CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_custom_plan'
+ SET jit TO 'off'
+AS $function$
+DECLARE
+    counted  bigint;
+    types    text[];
+BEGIN
+    SELECT array_agg(DISTINCT m.event_type) INTO types
+    FROM meters m
+    WHERE NOT m.builtin AND m.status <> 'archived' AND (p_keys IS NULL OR m.key = ANY (p_keys));
+    IF types IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH m AS MATERIALIZED (
+        SELECT key, event_type, aggregation, value, filter, group_by,
+               CASE WHEN value LIKE 'metadata.%'
+                    THEN string_to_array(substr(value, 10), '.') END AS value_path
+        FROM meters
+        WHERE NOT builtin AND status <> 'archived' AND (p_keys IS NULL OR key = ANY (p_keys))
+    ), read AS MATERIALIZED (
+        SELECT e.org_id, m.key, m.aggregation, e.occurred_at,
+               meter_dimensions(e.metadata, m.group_by) AS dimensions,
+               CASE m.aggregation
+                   WHEN 'count' THEN 1::numeric
+                   WHEN 'unique_count' THEN NULL
+                   ELSE CASE WHEN m.value_path IS NULL THEN e.quantity
+                             ELSE meter_number(e.metadata #> m.value_path) END
+               END AS number,
+               CASE WHEN m.aggregation = 'unique_count' THEN
+                   CASE WHEN m.value_path IS NULL THEN e.user_id::text
+                        ELSE e.metadata #>> m.value_path END
+               END AS unique_value,
+               CASE WHEN m.aggregation = 'count' OR m.value_path IS NULL THEN NULL
+                    WHEN e.metadata #> m.value_path IS NULL
+                      OR jsonb_typeof(e.metadata #> m.value_path) = 'null' THEN 'value_missing'
+               END AS missing,
+               coalesce(s.timezone, 'UTC') AS zone
+        FROM usage_events e
+        JOIN m ON m.event_type = e.event_type
+        LEFT JOIN org_subscriptions s ON s.org_id = e.org_id
+        WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+          AND e.event_type = ANY (types)
+          AND (p_from_at IS NULL OR e.occurred_at >= p_from_at)
+          AND (p_to_at IS NULL OR e.occurred_at < p_to_at)
+          AND meter_filter_passes(e.metadata, m.filter)
+    ), judged AS MATERIALIZED (
+        SELECT r.*,
+               CASE
+                   WHEN EXISTS (SELECT 1 FROM jsonb_each_text(r.dimensions) d
+                                WHERE length(d.value) > 128) THEN 'dimension_too_long'
+                   WHEN r.missing IS NOT NULL THEN r.missing
+                   WHEN r.aggregation = 'unique_count' AND r.unique_value IS NULL
+                       THEN 'value_missing'
+                   WHEN r.aggregation <> 'unique_count' AND r.number IS NULL
+                       THEN 'not_a_number'
+               END AS skipped,
+               (r.occurred_at AT TIME ZONE r.zone)::date AS day
+        FROM read r
+    ), skips AS (
+        INSERT INTO meter_skips AS k (meter_key, reason, events)
+        SELECT key, skipped, count(*) FROM judged WHERE skipped IS NOT NULL GROUP BY 1, 2
+        ORDER BY 1, 2
+        ON CONFLICT (meter_key, reason) DO UPDATE SET events = k.events + excluded.events
+        RETURNING 1
+    ), periods AS (
+        SELECT j.org_id, j.key, j.aggregation, j.dimensions, p.period,
+               CASE p.period WHEN 'day' THEN j.day
+                    ELSE date_trunc('month', j.day)::date END AS period_start,
+               j.number, j.unique_value, j.occurred_at
+        FROM judged j CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+        WHERE j.skipped IS NULL
+    ), valued AS (
+        INSERT INTO meter_aggregations AS a
+            (org_id, meter_key, dimensions, period, period_start, value, event_count, latest_at)
+        SELECT org_id, key, dimensions, period, period_start,
+               CASE min(aggregation)
+                   WHEN 'max' THEN max(number)
+                   WHEN 'latest' THEN (array_agg(number ORDER BY occurred_at DESC, number DESC))[1]
+                   ELSE sum(number)
+               END,
+               count(*),
+               CASE WHEN min(aggregation) = 'latest' THEN max(occurred_at) END
+        FROM periods WHERE aggregation <> 'unique_count'
+        GROUP BY org_id, key, dimensions, period, period_start
+        ORDER BY org_id, key, period, period_start, dimensions
+        ON CONFLICT (org_id, meter_key, period, period_start, dimensions) DO UPDATE
+        SET value = CASE
+                        WHEN a.latest_at IS NOT NULL THEN
+                            CASE WHEN (excluded.latest_at, excluded.value) > (a.latest_at, a.value)
+                                 THEN excluded.value ELSE a.value END
+                        WHEN (SELECT aggregation FROM meters WHERE key = a.meter_key) = 'max'
+                            THEN greatest(a.value, excluded.value)
+                        ELSE a.value + excluded.value
+                    END,
+            latest_at = greatest(a.latest_at, excluded.latest_at),
+            event_count = a.event_count + excluded.event_count,
+            updated_at = now()
+        RETURNING 1
+    ), new_values AS (
+        INSERT INTO meter_unique_values (org_id, meter_key, dimensions, period, period_start, value)
+        SELECT DISTINCT org_id, key, dimensions, period, period_start, unique_value
+        FROM periods WHERE aggregation = 'unique_count'
+        ORDER BY 1, 2, 3, 4, 5, 6
+        ON CONFLICT DO NOTHING
+        RETURNING org_id, meter_key, dimensions, period, period_start
+    ), unique_events AS (
+        SELECT org_id, key AS meter_key, dimensions, period, period_start, count(*) AS events
+        FROM periods WHERE aggregation = 'unique_count'
+        GROUP BY 1, 2, 3, 4, 5
+    ), unique_added AS (
+        SELECT org_id, meter_key, dimensions, period, period_start, count(*) AS added
+        FROM new_values GROUP BY 1, 2, 3, 4, 5
+    ), counted_unique AS (
+        INSERT INTO meter_aggregations AS a
+            (org_id, meter_key, dimensions, period, period_start, value, event_count)
+        SELECT u.org_id, u.meter_key, u.dimensions, u.period, u.period_start,
+               coalesce(n.added, 0), u.events
+        FROM unique_events u
+        LEFT JOIN unique_added n USING (org_id, meter_key, dimensions, period, period_start)
+        ORDER BY 1, 2, 4, 5, 3
+        ON CONFLICT (org_id, meter_key, period, period_start, dimensions) DO UPDATE
+        SET value = a.value + excluded.value,
+            event_count = a.event_count + excluded.event_count,
+            updated_at = now()
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM judged)
+           + 0 * ((SELECT count(*) FROM skips) + (SELECT count(*) FROM valued)
+                  + (SELECT count(*) FROM counted_unique))
+    INTO counted;
+    RETURN counted;
+END;
+$function$;
+
+-- The incremental pass's share for meters (called by aggregation_pass): meters seen for
+-- the first time start counting at this pass's lower bound, which the backfill counts up
+-- to; then the pass's events are counted for every meter that is not builtin or archived.
+-- Returns how many of the new events are of a type only such meters read.
+CREATE OR REPLACE FUNCTION public.count_new_meter_events(p_from_xid bigint, p_to_xid bigint)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM meters WHERE NOT builtin AND status <> 'archived') THEN
+        RETURN 0;
+    END IF;
+    UPDATE meters SET counted_from_xid = p_from_xid
+    WHERE counted_from_xid IS NULL AND NOT builtin AND status <> 'archived';
+    PERFORM count_meter_events(NULL, p_from_xid, p_to_xid, NULL, NULL);
+    RETURN (SELECT count(*) FROM usage_events e
+            WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+              AND NOT EXISTS (SELECT 1 FROM event_types t WHERE t.event_type = e.event_type));
+END;
+$function$;

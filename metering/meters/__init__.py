@@ -1,0 +1,1 @@
+"""Meters: definitions (pure), the accepted types registry, storage."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from uuid import UUID
@@ -122,7 +122,7 @@ def expected_aggregates(
 #
 # Skipped events (unreadable for the meter) count in neither value nor event count.
 
-# org, dimensions, window, the window's local start (naive)
+# org, dimensions, window, the instant the window starts
 MeterRowKey = tuple[UUID, tuple[tuple[str, str | None], ...], str, datetime]
 
 
@@ -138,17 +138,22 @@ class StoredEvent:
 
 
 def window_start(moment: datetime, window: str, zone: str) -> datetime:
-    """The local start (naive) of the `window` (hour, day, month) holding `moment` in
-    `zone`. Hours are wall-clock hours: the repeated hour of a DST fall-back is one window
-    of two real hours, as `date_trunc('hour', t AT TIME ZONE zone)` makes it."""
-    local = moment.astimezone(ZoneInfo(zone)).replace(tzinfo=None)
+    """The instant the `window` (hour, day, month) holding `moment` starts at, in `zone`.
+    Days and months start at local midnight; an hour starts at the local hour the moment
+    is in, at the moment's own offset: the hour repeated when summer time ends is two
+    windows of one real hour each, and a zone half an hour off UTC has its own hours."""
+    local = moment.astimezone(ZoneInfo(zone))
     if window == "hour":
-        return local.replace(minute=0, second=0, microsecond=0)
+        return moment - timedelta(
+            minutes=local.minute, seconds=local.second, microseconds=local.microsecond
+        )
     if window == "day":
-        return local.replace(hour=0, minute=0, second=0, microsecond=0)
-    if window == "month":
-        return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    raise ValueError(f"window must be hour, day or month, not {window!r}")
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0, fold=0)
+    elif window == "month":
+        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0, fold=0)
+    else:
+        raise ValueError(f"window must be hour, day or month, not {window!r}")
+    return start.replace(tzinfo=None).replace(tzinfo=ZoneInfo(zone))
 
 
 def meter_value(aggregation: str, readings: list[tuple[datetime, Decimal | str]]) -> Decimal:

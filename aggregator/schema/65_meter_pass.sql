@@ -12,33 +12,30 @@
 -- them (meters.counted_from_xid draws the line). The plain-Python statement of these rules
 -- is aggregator/semantics.py; the tests hold the SQL to it.
 
--- Counts, for the meters `p_keys` (every meter that is not builtin or archived when NULL),
--- the events written by the transactions in [p_from_xid, p_to_xid) that occurred in
--- [p_from_at, p_to_at) (any time when NULL); returns how many (event, meter) pairs it
--- counted. Skipped events are added to meter_skips.
-CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone)
- RETURNS bigint
- LANGUAGE plpgsql
- SET plan_cache_mode TO 'force_custom_plan'
- SET jit TO 'off'
+-- What meters read from stored events, one row per (event, meter): the meters `p_keys`
+-- (whatever their status), the events of `p_org` (every organization when NULL) written by
+-- the transactions in [p_from_xid, p_to_xid) that occurred in [p_from_at, p_to_at) (any
+-- time when NULL), that pass the meter's filter. `skipped` says why a meter cannot count
+-- an event (NULL: it counts `number`, or `unique_value` for unique_count). The one SQL
+-- statement of the reading rules (metering.meters.definition.read_event in Python): the
+-- pass, the backfill and the usage queries computed from raw events all read through it.
+-- A single SELECT in LANGUAGE sql, so the planner inlines it into the calling statement.
+CREATE OR REPLACE FUNCTION public.meter_event_readings(p_keys text[], p_org uuid, p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone)
+ RETURNS TABLE(org_id uuid, meter_key text, aggregation text, occurred_at timestamp with time zone, dimensions jsonb, number numeric, unique_value text, skipped text)
+ LANGUAGE sql
+ STABLE
 AS $function$
-DECLARE
-    counted  bigint;
-    types    text[];
-BEGIN
-    SELECT array_agg(DISTINCT m.event_type) INTO types
-    FROM meters m
-    WHERE NOT m.builtin AND m.status <> 'archived' AND (p_keys IS NULL OR m.key = ANY (p_keys));
-    IF types IS NULL THEN
-        RETURN 0;
-    END IF;
-    WITH m AS MATERIALIZED (
-        SELECT key, event_type, aggregation, value, filter, group_by,
-               CASE WHEN value LIKE 'metadata.%'
-                    THEN string_to_array(substr(value, 10), '.') END AS value_path
-        FROM meters
-        WHERE NOT builtin AND status <> 'archived' AND (p_keys IS NULL OR key = ANY (p_keys))
-    ), read AS MATERIALIZED (
+    SELECT r.org_id, r.key, r.aggregation, r.occurred_at, r.dimensions, r.number,
+           r.unique_value,
+           CASE
+               WHEN EXISTS (SELECT 1 FROM jsonb_each_text(r.dimensions) d
+                            WHERE length(d.value) > 128) THEN 'dimension_too_long'
+               WHEN r.missing IS NOT NULL THEN r.missing
+               WHEN r.aggregation = 'unique_count' AND r.unique_value IS NULL
+                   THEN 'value_missing'
+               WHEN r.aggregation <> 'unique_count' AND r.number IS NULL THEN 'not_a_number'
+           END
+    FROM (
         SELECT e.org_id, m.key, m.aggregation, e.occurred_at,
                meter_dimensions(e.metadata, m.group_by) AS dimensions,
                CASE m.aggregation
@@ -54,29 +51,46 @@ BEGIN
                CASE WHEN m.aggregation = 'count' OR m.value_path IS NULL THEN NULL
                     WHEN e.metadata #> m.value_path IS NULL
                       OR jsonb_typeof(e.metadata #> m.value_path) = 'null' THEN 'value_missing'
-               END AS missing,
-               coalesce(s.timezone, 'UTC') AS zone
+               END AS missing
         FROM usage_events e
-        JOIN m ON m.event_type = e.event_type
-        LEFT JOIN org_subscriptions s ON s.org_id = e.org_id
+        JOIN (SELECT key, event_type, aggregation, filter, group_by,
+                     CASE WHEN value LIKE 'metadata.%'
+                          THEN string_to_array(substr(value, 10), '.') END AS value_path
+              FROM meters WHERE key = ANY (p_keys)) m ON m.event_type = e.event_type
         WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
-          AND e.event_type = ANY (types)
+          AND (p_org IS NULL OR e.org_id = p_org)
           AND (p_from_at IS NULL OR e.occurred_at >= p_from_at)
           AND (p_to_at IS NULL OR e.occurred_at < p_to_at)
           AND meter_filter_passes(e.metadata, m.filter)
-    ), judged AS MATERIALIZED (
-        SELECT r.*,
-               CASE
-                   WHEN EXISTS (SELECT 1 FROM jsonb_each_text(r.dimensions) d
-                                WHERE length(d.value) > 128) THEN 'dimension_too_long'
-                   WHEN r.missing IS NOT NULL THEN r.missing
-                   WHEN r.aggregation = 'unique_count' AND r.unique_value IS NULL
-                       THEN 'value_missing'
-                   WHEN r.aggregation <> 'unique_count' AND r.number IS NULL
-                       THEN 'not_a_number'
-               END AS skipped,
-               (r.occurred_at AT TIME ZONE r.zone)::date AS day
-        FROM read r
+    ) r
+$function$;
+
+-- Counts, for the meters `p_keys` (every meter that is not builtin or archived when NULL),
+-- the events written by the transactions in [p_from_xid, p_to_xid) that occurred in
+-- [p_from_at, p_to_at) (any time when NULL); returns how many (event, meter) pairs it
+-- read. Skipped events are added to meter_skips.
+CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_custom_plan'
+ SET jit TO 'off'
+AS $function$
+DECLARE
+    counted  bigint;
+    keys     text[];
+BEGIN
+    SELECT array_agg(m.key) INTO keys
+    FROM meters m
+    WHERE NOT m.builtin AND m.status <> 'archived' AND (p_keys IS NULL OR m.key = ANY (p_keys));
+    IF keys IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH judged AS MATERIALIZED (
+        SELECT r.org_id, r.meter_key AS key, r.aggregation, r.occurred_at, r.dimensions,
+               r.number, r.unique_value, r.skipped,
+               (r.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date AS day
+        FROM meter_event_readings(keys, NULL, p_from_xid, p_to_xid, p_from_at, p_to_at) r
+        LEFT JOIN org_subscriptions s ON s.org_id = r.org_id
     ), skips AS (
         INSERT INTO meter_skips AS k (meter_key, reason, events)
         SELECT key, skipped, count(*) FROM judged WHERE skipped IS NOT NULL GROUP BY 1, 2

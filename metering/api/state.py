@@ -15,6 +15,7 @@ from metering.config import Settings
 from metering.kafka_batches import EventPublisher
 from metering.meters.registry import AcceptedTypes
 from metering.meters.store import MeterStore
+from metering.meters.usage_store import MeterUsageStore
 from metering.partitioner import OrgKeyPartitioner
 from metering.storage.keys import KeyStore
 from metering.storage.pool import create_pool
@@ -39,6 +40,7 @@ class AppState:
     reads: ReadStore
     subscriptions: SubscriptionStore
     meters: MeterStore
+    meter_usage: MeterUsageStore
     accepted_types: AcceptedTypes
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
@@ -78,6 +80,7 @@ def lifespan_for(
             reads=ReadStore(pool),
             subscriptions=SubscriptionStore(pool),
             meters=MeterStore(pool),
+            meter_usage=MeterUsageStore(pool),
             accepted_types=accepted_types,
         )
         try:

@@ -91,10 +91,16 @@ CREATE TABLE meter_notifications (
     created_at  timestamptz NOT NULL DEFAULT now()
 );
 
+-- The API reads usage as metering_reader scoped to one organization (migration 014); the
+-- usage queries computed from raw events count those below the aggregator's watermark.
 GRANT SELECT ON meters TO metering_writer, metering_reader;
-GRANT SELECT ON meter_aggregations TO metering_reader;
+GRANT SELECT ON meter_aggregations, meter_unique_values TO metering_reader;
+GRANT SELECT (name, watermark_xid) ON aggregator_state TO metering_reader;
 ALTER TABLE meter_aggregations ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meter_unique_values ENABLE ROW LEVEL SECURITY;
 CREATE POLICY reader_own_org ON meter_aggregations FOR SELECT TO metering_reader
+    USING (org_id = metering_scoped_org());
+CREATE POLICY reader_own_org ON meter_unique_values FOR SELECT TO metering_reader
     USING (org_id = metering_scoped_org());
 
 -- The trigger's function is defined in metering/schema/60_meters.sql, applied after this

@@ -246,23 +246,40 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None, org_id: st
 @cli.command()
 @click.argument("org")
 @click.option("--period", type=click.Choice(["day", "month"]), default="month", show_default=True)
-@click.option("--from", "start", default=None, help="Period starts from this date.")
-@click.option("--to", "end", default=None, help="Period starts before this date.")
+@click.option("--from", "start", default=None, help="Period (window) starts from this date.")
+@click.option("--to", "end", default=None, help="Period (window) starts before this date.")
 @click.option("--type", "event_type", default=None, help="Only this event type.")
+@click.option("--meter", default=None, help="One meter's usage by window and dimensions.")
+@click.option(
+    "--window", type=click.Choice(["hour", "day", "month"]), default="day", show_default=True
+)
+@click.option("--group-by", default=None, help="With --meter: dimensions to keep (a,b).")
+@click.option("--tz", default=None, help="With --meter: an IANA zone (default the org's).")
+@click.option("--filter", "filters", multiple=True, metavar="DIMENSION=VALUE")
+@click.option("--csv", "as_csv", is_flag=True, help="With --meter: print CSV.")
 @click.pass_context
 def usage(
     ctx: click.Context,
+    /,
     org: str,
     period: str,
     start: str | None,
     end: str | None,
     event_type: str | None,
+    **meter_options: Any,
 ) -> None:
-    """Print an organization's aggregated usage as a table."""
+    """Print an organization's aggregated usage as a table: the v1 day or month totals per
+    event type, or with --meter one meter's usage by --window (hour, day, month, in --tz)
+    and dimensions, exactly as `GET /v1/orgs/{org}/meters/{key}/usage` answers."""
     from metering.storage.reads import ReadStore
 
     settings = settings_of(ctx)
     org_id = parse_org(org)
+    if meter_options["meter"]:
+        from metering.cli.meters import print_meter_usage
+
+        print_meter_usage(settings, org_id, start=start, end=end, **meter_options)
+        return
     first = parse_when(start, "--from").date() if start else None
     last = parse_when(end, "--to").date() if end else None
 

@@ -206,17 +206,29 @@ class AggregateStore:
 
     async def reconcile(
         self, start: date, end: date, org_id: UUID | None = None
-    ) -> list[asyncpg.Record]:
+    ) -> list[dict[str, Any]]:
         """Differences between stored aggregates and a recomputation from raw events, for
-        periods starting in [start, end), of every organization or of `org_id`. Empty
-        means every number adds up.
+        periods starting in [start, end), of every organization or of `org_id`: the v1
+        aggregates (`event_type`), then those of every active meter that is not builtin
+        (`event_type` is the meter's key, `dimensions` its dimension values). Empty means
+        every number adds up.
 
         One statement over the window's events (about a month's for a one-month window);
         `metering reconcile` walks a long window month by month."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             # a generic plan would keep `$3 IS NULL OR ..` and read every org's events
             await conn.execute(FORCE_CUSTOM_PLAN)
-            return list(await conn.fetch(RECONCILE, start, end, org_id))
+            found = [dict(r) for r in await conn.fetch(RECONCILE, start, end, org_id)]
+            meters: list[str] = await conn.fetchval(RECONCILED_METERS) or []
+            if meters:
+                watermark = await conn.fetchval(WATERMARK)
+                found += [
+                    dict(r)
+                    for r in await conn.fetch(
+                        RECONCILE_METERS, start, end, org_id, meters, watermark
+                    )
+                ]
+            return found
 
 
 def notified_set(mask: int, thresholds: tuple[int, ...] = THRESHOLDS) -> frozenset[int]:
@@ -289,4 +301,53 @@ FROM (SELECT * FROM expected WHERE period_start >= $1 AND period_start < $2) x
 FULL JOIN stored a USING (org_id, event_type, period, period_start)
 WHERE x.value IS DISTINCT FROM a.value OR x.event_count IS DISTINCT FROM a.event_count
 ORDER BY org_id, event_type, period, period_start
+"""
+
+
+# Meters that are not builtin: recomputed through meter_event_readings (the reading rules),
+# grouped with plain SQL aggregates, against meter_aggregations. Active meters only: a
+# backfilling one is not complete yet, an archived one stopped counting on purpose.
+RECONCILED_METERS = (
+    "SELECT array_agg(key ORDER BY key) FROM meters WHERE NOT builtin AND status = 'active'"
+)
+WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage'"
+RECONCILE_METERS = """
+WITH ev AS (
+    SELECT r.org_id, r.meter_key, r.aggregation, r.dimensions, p.period, r.number,
+           r.unique_value, r.occurred_at,
+           CASE p.period
+               WHEN 'day' THEN (r.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date
+               ELSE date_trunc('month',
+                               r.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date
+           END AS period_start
+    FROM meter_event_readings(
+             $4::text[], $3::uuid, 0, $5::bigint,
+             ($1::date - 1)::timestamp AT TIME ZONE 'UTC',
+             (date_trunc('month', ($2::date - 1)::timestamp) + interval '1 month 1 day')
+                 AT TIME ZONE 'UTC') r
+    LEFT JOIN org_subscriptions s ON s.org_id = r.org_id
+    CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+    WHERE r.skipped IS NULL
+), expected AS (
+    SELECT org_id, meter_key, dimensions, period, period_start, count(*) AS event_count,
+           CASE min(aggregation)
+               WHEN 'max' THEN max(number)
+               WHEN 'latest' THEN (array_agg(number ORDER BY occurred_at DESC, number DESC))[1]
+               WHEN 'unique_count' THEN count(DISTINCT unique_value)
+               ELSE sum(number)
+           END AS value
+    FROM ev GROUP BY org_id, meter_key, dimensions, period, period_start
+), stored AS (
+    SELECT org_id, meter_key, dimensions, period, period_start, value, event_count
+    FROM meter_aggregations
+    WHERE period_start >= $1 AND period_start < $2 AND ($3::uuid IS NULL OR org_id = $3)
+      AND meter_key = ANY ($4::text[])
+)
+SELECT org_id, meter_key AS event_type, dimensions::text AS dimensions, period, period_start,
+       x.value AS expected_value, a.value AS stored_value,
+       x.event_count AS expected_events, a.event_count AS stored_events
+FROM (SELECT * FROM expected WHERE period_start >= $1 AND period_start < $2) x
+FULL JOIN stored a USING (org_id, meter_key, dimensions, period, period_start)
+WHERE x.value IS DISTINCT FROM a.value OR x.event_count IS DISTINCT FROM a.event_count
+ORDER BY org_id, meter_key, dimensions, period, period_start
 """

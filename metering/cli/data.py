@@ -225,7 +225,7 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None, org_id: st
     rows = [
         [
             str(r["org_id"]),
-            r["event_type"],
+            r["event_type"] + (f" {r['dimensions']}" if r.get("dimensions", "{}") != "{}" else ""),
             r["period"],
             str(r["period_start"]),
             fmt(r["expected_value"]),
@@ -236,7 +236,16 @@ def reconcile(ctx: click.Context, start: str | None, end: str | None, org_id: st
         for r in differences
     ]
     print_table(
-        ["org", "type", "period", "start", "expected", "stored", "exp. events", "stored events"],
+        [
+            "org",
+            "type or meter",
+            "period",
+            "start",
+            "expected",
+            "stored",
+            "exp. events",
+            "stored events",
+        ],
         rows,
     )
     click.echo(f"{len(differences)} aggregates differ from usage_events", err=True)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from aggregator.semantics import StoredEvent, expected_meter_usage
 from aggregator.service import Aggregator
+from aggregator.store import AggregateStore
 from metering.meters.definition import MeterSpec
 from metering.meters.store import MeterConflict, MeterStore
 from metering.models import UsageEvent
@@ -253,6 +254,35 @@ async def test_a_new_meter_counts_the_past_and_what_arrives_during_its_backfill(
     assert await stored_rows(db, opener, orgs) == reference(opener, events, {})
     note = await db.fetchrow("SELECT * FROM meter_notifications WHERE meter_key = $1", late.key)
     assert note is not None and note["kind"] == "meter.backfilled"
+
+    # reconcile recomputes every meter and dimension from usage_events, and catches a
+    # tampered dimension row
+    store = AggregateStore(pool)
+    window = ((start - timedelta(days=2)).date(), (NOW + timedelta(days=2)).date())
+    for org in orgs:
+        assert await store.reconcile(*window, org) == []
+    tampered = await db.fetchrow(
+        "UPDATE meter_aggregations SET value = value + 1 WHERE meter_key = $1 AND org_id = $2 "
+        "AND period = 'day' AND dimensions = '{\"sku\": \"k1\"}' "
+        "AND period_start = (SELECT max(period_start) FROM meter_aggregations "
+        'WHERE meter_key = $1 AND org_id = $2 AND dimensions = \'{"sku": "k1"}\') '
+        "RETURNING period_start, value",
+        late.key,
+        orgs[0],
+    )
+    assert tampered is not None
+    found = await store.reconcile(*window, orgs[0])
+    assert [(d["event_type"], d["dimensions"], d["period"], d["period_start"]) for d in found] == [
+        (late.key, '{"sku": "k1"}', "day", tampered["period_start"])
+    ]
+    assert found[0]["stored_value"] == found[0]["expected_value"] + 1
+    await db.execute(
+        "UPDATE meter_aggregations SET value = value - 1 WHERE meter_key = $1 AND org_id = $2 "
+        "AND period = 'day' AND dimensions = '{\"sku\": \"k1\"}' AND period_start = $3",
+        late.key,
+        orgs[0],
+        tampered["period_start"],
+    )
 
 
 async def test_meter_conflicts_are_refused(pool: asyncpg.Pool) -> None:

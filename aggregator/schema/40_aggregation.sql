@@ -359,6 +359,8 @@ BEGIN
             PERFORM aggregate_usage(p, first_at, last_at + interval '1 microsecond', NEW.org_id);
         END IF;
     END LOOP;
+    -- the meters that are not builtin (65_meter_pass.sql)
+    PERFORM recount_meters_of_org(NEW.org_id, horizon, NEW.timezone);
     RETURN NULL;
 END;
 $function$;

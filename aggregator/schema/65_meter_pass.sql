@@ -67,9 +67,10 @@ $function$;
 
 -- Counts, for the meters `p_keys` (every meter that is not builtin or archived when NULL),
 -- the events written by the transactions in [p_from_xid, p_to_xid) that occurred in
--- [p_from_at, p_to_at) (any time when NULL); returns how many (event, meter) pairs it
--- read. Skipped events are added to meter_skips.
-CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone)
+-- [p_from_at, p_to_at) (any time when NULL), of `p_org` (every organization when NULL),
+-- into the periods `p_periods`; returns how many (event, meter) pairs it read. Skipped
+-- events are added to meter_skips (when both periods are counted).
+CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_org uuid DEFAULT NULL::uuid, p_periods text[] DEFAULT '{day,month}'::text[])
  RETURNS bigint
  LANGUAGE plpgsql
  SET plan_cache_mode TO 'force_custom_plan'
@@ -89,11 +90,12 @@ BEGIN
         SELECT r.org_id, r.meter_key AS key, r.aggregation, r.occurred_at, r.dimensions,
                r.number, r.unique_value, r.skipped,
                (r.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date AS day
-        FROM meter_event_readings(keys, NULL, p_from_xid, p_to_xid, p_from_at, p_to_at) r
+        FROM meter_event_readings(keys, p_org, p_from_xid, p_to_xid, p_from_at, p_to_at) r
         LEFT JOIN org_subscriptions s ON s.org_id = r.org_id
     ), skips AS (
         INSERT INTO meter_skips AS k (meter_key, reason, events)
-        SELECT key, skipped, count(*) FROM judged WHERE skipped IS NOT NULL GROUP BY 1, 2
+        SELECT key, skipped, count(*) FROM judged
+        WHERE skipped IS NOT NULL AND cardinality(p_periods) = 2 GROUP BY 1, 2
         ORDER BY 1, 2
         ON CONFLICT (meter_key, reason) DO UPDATE SET events = k.events + excluded.events
         RETURNING 1
@@ -102,7 +104,7 @@ BEGIN
                CASE p.period WHEN 'day' THEN j.day
                     ELSE date_trunc('month', j.day)::date END AS period_start,
                j.number, j.unique_value, j.occurred_at
-        FROM judged j CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+        FROM judged j CROSS JOIN unnest(p_periods) AS p (period)
         WHERE j.skipped IS NULL
     ), valued AS (
         INSERT INTO meter_aggregations AS a
@@ -185,5 +187,48 @@ BEGIN
     RETURN (SELECT count(*) FROM usage_events e
             WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
               AND NOT EXISTS (SELECT 1 FROM event_types t WHERE t.event_type = e.event_type));
+END;
+$function$;
+
+-- After an organization's time zone changed (reaggregate_org_after_zone_change): its rows
+-- of the meters that count (active, or backfilling and started) for the periods after
+-- the one holding the retention horizon are counted again in the new zone, from the
+-- events below the watermark that the meter had counted (a backfilling meter: those of
+-- its passes and of its backfill so far). Archived meters keep their rows as they were.
+CREATE OR REPLACE FUNCTION public.recount_meters_of_org(p_org uuid, p_horizon timestamp with time zone, p_zone text)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    m          record;
+    p          text;
+    boundary   timestamp;
+    watermark  bigint;
+BEGIN
+    SELECT watermark_xid INTO watermark FROM aggregator_state WHERE name = 'usage';
+    FOREACH p IN ARRAY ARRAY['day', 'month'] LOOP
+        boundary := CASE WHEN p_horizon IS NULL THEN '-infinity'::timestamp
+                         ELSE date_trunc(p, p_horizon AT TIME ZONE p_zone)
+                              + ('1 ' || p)::interval END;
+        FOR m IN SELECT key, status, counted_from_xid, backfill_done_until FROM meters
+                 WHERE NOT builtin AND status <> 'archived' AND counted_from_xid IS NOT NULL LOOP
+            DELETE FROM meter_aggregations
+            WHERE org_id = p_org AND meter_key = m.key AND period = p
+              AND period_start >= boundary::date;
+            DELETE FROM meter_unique_values
+            WHERE org_id = p_org AND meter_key = m.key AND period = p
+              AND period_start >= boundary::date;
+            PERFORM count_meter_events(ARRAY[m.key], m.counted_from_xid, watermark,
+                                       boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p]);
+            IF m.status = 'active' THEN
+                PERFORM count_meter_events(ARRAY[m.key], 0, m.counted_from_xid,
+                                           boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p]);
+            ELSIF m.backfill_done_until IS NOT NULL THEN
+                PERFORM count_meter_events(ARRAY[m.key], 0, m.counted_from_xid,
+                                           boundary AT TIME ZONE p_zone, m.backfill_done_until,
+                                           p_org, ARRAY[p]);
+            END IF;
+        END LOOP;
+    END LOOP;
 END;
 $function$;

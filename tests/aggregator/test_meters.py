@@ -391,3 +391,48 @@ async def test_random_meters_equal_the_reference(
         await MeterStore(pool).create(meter)
     await settle(aggregator)
     assert await stored_rows(db, meter, orgs, zones) == reference(meter, events, zones)
+
+
+async def test_a_zone_change_recounts_the_meters_in_the_new_zone(
+    pool: asyncpg.Pool, db: asyncpg.Connection, event_store: EventStore, aggregator: Aggregator
+) -> None:
+    kind = a_type()
+    meters = MeterStore(pool)
+    for definition in (
+        spec(key=f"zs_{kind[2:]}", event_type=kind, aggregation="sum", group_by=["m"]),
+        spec(key=f"zu_{kind[2:]}", event_type=kind, aggregation="unique_count"),
+    ):
+        await meters.create(definition)
+    org = uuid.uuid4()
+    await subscribe(db, org, timezone="Pacific/Auckland")
+    events = Stored(event_store, kind)
+    await events.add(
+        *[
+            {
+                "org": org,
+                "at": NOW - timedelta(hours=5 * n),
+                "quantity": n,
+                "user": uuid.UUID(int=n % 5),
+                "metadata": {"m": str(n % 2)},
+            }
+            for n in range(60)
+        ]
+    )
+    await settle(aggregator)
+    await db.execute(
+        "UPDATE org_subscriptions SET timezone = 'America/Los_Angeles' WHERE org_id = $1", org
+    )
+    zones = {org: "America/Los_Angeles"}
+    for key in (f"zs_{kind[2:]}", f"zu_{kind[2:]}"):
+        meter = (await meters.get(key)).row
+        definition = spec(
+            key=key,
+            event_type=kind,
+            aggregation=meter["aggregation"],
+            group_by=list(meter["group_by"]),
+        )
+        assert await stored_rows(db, definition, [org], zones) == reference(
+            definition, events, zones
+        )
+    window = ((NOW - timedelta(days=20)).date(), (NOW + timedelta(days=2)).date())
+    assert await AggregateStore(pool).reconcile(*window, org) == []

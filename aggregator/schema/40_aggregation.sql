@@ -175,10 +175,20 @@ CREATE OR REPLACE FUNCTION public.aggregation_pass(p_from_xid bigint, p_to_xid b
  LANGUAGE plpgsql
 AS $function$
 DECLARE
-    applied record;
+    applied         record;
+    touched_orgs    uuid[];
+    touched_types   text[];
+    touched_months  date[];
+    touched_values  numeric[];
 BEGIN
     SELECT * INTO applied FROM aggregate_new_events(p_from_xid, p_to_xid);
     events := applied.events + count_new_meter_events(p_from_xid, p_to_xid);
+    SELECT applied.touched_orgs || coalesce(array_agg(t.org_id), '{}'),
+           applied.touched_types || coalesce(array_agg(t.meter_key), '{}'),
+           applied.touched_months || coalesce(array_agg(t.month), '{}'),
+           applied.touched_values || coalesce(array_agg(t.value), '{}')
+    INTO touched_orgs, touched_types, touched_months, touched_values
+    FROM touched_limited_meter_months() AS t;
     measured_at := applied.measured_at;
     received_at := applied.received_at;
     received_events := applied.received_events;
@@ -188,8 +198,7 @@ BEGIN
            coalesce(array_agg(u.notified), '{}')
     INTO limit_orgs, limit_features, limit_periods, limit_starts, limit_used, limit_values,
          limit_notified
-    FROM touched_limit_usage(applied.touched_orgs, applied.touched_types,
-                             applied.touched_months, applied.touched_values,
+    FROM touched_limit_usage(touched_orgs, touched_types, touched_months, touched_values,
                              p_thresholds) AS u;
 END;
 $function$;

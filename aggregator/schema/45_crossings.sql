@@ -1,8 +1,10 @@
 -- Repeatable definitions (see metering/storage/migrations.py): the one current text of
 -- these functions. Edit here; `metering migrate` re-applies the definitions when one changes.
 --
--- Crossings: the pass's limit check. For the limits its new events touched, their usage
--- (by usage_for_limit, metering/schema/50_limits.sql) and the thresholds already recorded.
+-- Crossings: the pass's limit check. For the limits its new events touched (p_types: the
+-- keys of the meters whose month rows the pass wrote, with their new values), their usage
+-- (as usage_for_limit, metering/schema/50_limits.sql, counts it) and the thresholds
+-- already recorded.
 
 CREATE OR REPLACE FUNCTION public.touched_limit_usage(p_orgs uuid[], p_types text[], p_months date[], p_values numeric[], p_thresholds integer[])
  RETURNS TABLE(org_id uuid, feature_key text, period text, period_start date, used numeric, limit_value bigint, notified integer)
@@ -12,23 +14,34 @@ AS $function$
     WITH touched AS (
         -- a lifetime limit once, however many of its months the pass wrote
         SELECT DISTINCT ON (g.org_id, t.limit_key, CASE WHEN t.lifetime THEN NULL ELSE g.month END)
-               g.org_id, t.event_type, t.limit_key, t.lifetime, t.limit_unit,
+               g.org_id, t.event_type, t.limit_key, t.lifetime, t.limit_unit, t.builtin,
+               t.aggregation,
                CASE WHEN t.lifetime THEN NULL ELSE g.month END AS month, g.value
         FROM unnest(p_orgs, p_types, p_months, p_values) AS g (org_id, event_type, month, value)
-        JOIN event_types t ON t.event_type = g.event_type
+        JOIN (SELECT key AS event_type, limit_key, limit_scope = 'lifetime' AS lifetime,
+                     limit_unit, builtin, aggregation
+              FROM meters WHERE limit_key IS NOT NULL AND status <> 'archived') t
+          ON t.event_type = g.event_type
     ), measured AS (
         SELECT x.org_id, x.limit_key, x.lifetime, x.month, pf.limit_value,
-               CASE WHEN x.limit_unit = 1 THEN m.amount ELSE m.amount / x.limit_unit END AS used
+               CASE WHEN x.limit_unit = 1 THEN m.amount
+                    ELSE trim_scale(m.amount / x.limit_unit) END AS used
         FROM touched x
         LEFT JOIN org_subscriptions s ON s.org_id = x.org_id
         JOIN plan_features pf ON pf.plan = coalesce(s.plan, 'free')
                              AND pf.feature_key = x.limit_key
         CROSS JOIN LATERAL (
-            SELECT CASE WHEN x.lifetime
+            SELECT CASE WHEN NOT x.lifetime THEN x.value
+                        WHEN x.builtin
                         THEN (SELECT coalesce(sum(a.value), 0) FROM usage_aggregations a
                               WHERE a.org_id = x.org_id AND a.event_type = x.event_type
                                 AND a.period = 'month')
-                        ELSE x.value END AS amount
+                        ELSE (SELECT coalesce(CASE WHEN x.aggregation = 'max' THEN max(a.value)
+                                                   ELSE sum(a.value) END, 0)
+                              FROM meter_aggregations a
+                              WHERE a.org_id = x.org_id AND a.meter_key = x.event_type
+                                AND a.period = 'month' AND a.dimensions = '{}')
+                   END AS amount
         ) m
         WHERE pf.limit_value <> -1
     ), reached AS (

@@ -232,3 +232,19 @@ BEGIN
     END LOOP;
 END;
 $function$;
+
+-- The month rows this transaction wrote of the meters that are not builtin and count
+-- against a limit (they have no dimensions): the pass's limit check takes them with the
+-- seeded meters' (aggregation_pass). A row written now has updated_at = now(), the
+-- transaction's start; the passes run one at a time.
+CREATE OR REPLACE FUNCTION public.touched_limited_meter_months()
+ RETURNS TABLE(org_id uuid, meter_key text, month date, value numeric)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT a.org_id, a.meter_key, a.period_start, a.value
+    FROM meter_aggregations a
+    JOIN meters m ON m.key = a.meter_key
+    WHERE m.limit_key IS NOT NULL AND NOT m.builtin AND m.status <> 'archived'
+      AND a.period = 'month' AND a.dimensions = '{}' AND a.updated_at = now()
+$function$;

@@ -51,6 +51,7 @@ class Access(BaseModel):
     plan: str = Field(examples=["free"])
     limit: int | None = Field(default=None, examples=[1000])
     unlimited: bool | None = None
+    # JSON numbers written exactly as PostgreSQL's numeric holds them (never via a float)
     used: float | None = Field(default=None, examples=[37])
     remaining: float | None = Field(default=None, examples=[963])
 

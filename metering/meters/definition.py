@@ -198,6 +198,14 @@ class MeterSpec:
                 raise InvalidMeter(
                     "limit_key", "a meter with dimensions cannot count against a limit"
                 )
+            if limit_scope == "lifetime" and aggregation not in (
+                Aggregation.SUM,
+                Aggregation.COUNT,
+                Aggregation.MAX,
+            ):
+                raise InvalidMeter(
+                    "limit_scope", "a lifetime limit needs a sum, count or max meter"
+                )
         if isinstance(unit_raw, bool) or not isinstance(unit_raw, int | str | Decimal):
             raise InvalidMeter("limit_unit", "must be a positive integer like 1000000000")
         try:

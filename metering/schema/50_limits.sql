@@ -5,46 +5,70 @@
 -- One definition of "used" (usage_for_limit) serves the check and the crossings the
 -- aggregator records (aggregator/schema/45_crossings.sql).
 
--- Usage of one org against one limit key for the period holding `month` (lifetime keys:
--- every month; max_seats: the subscription's seats in use).
+-- Usage of one org against one limit key for the period holding `month`: what the meter
+-- with that `limit_key` counted (contract section 2; the seeded meters count in
+-- usage_aggregations by event type, the others in meter_aggregations), divided by its
+-- `limit_unit`. Lifetime limits add every month (`max`: the greatest month); a `latest`
+-- reading persists across months (the latest one up to the end of that month). NULL when
+-- no meter counts the key; max_seats: the subscription's seats in use.
 CREATE OR REPLACE FUNCTION public.usage_for_limit(p_org_id uuid, p_feature_key text, p_month date)
  RETURNS numeric
  LANGUAGE plpgsql
  STABLE
 AS $function$
 DECLARE
-    kind  event_types%ROWTYPE;
-    used  numeric;
+    meter  record;
+    used   numeric;
 BEGIN
     IF p_feature_key = 'max_seats' THEN
         SELECT coalesce((SELECT seats_in_use FROM org_subscriptions WHERE org_id = p_org_id), 0)
         INTO used;
         RETURN used;
     END IF;
-    SELECT * INTO kind FROM event_types WHERE limit_key = p_feature_key;
+    SELECT key, aggregation, limit_scope, limit_unit, builtin INTO meter
+    FROM meters WHERE limit_key = p_feature_key AND status <> 'archived';
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF kind.lifetime THEN
-        SELECT coalesce(sum(value), 0) INTO used FROM usage_aggregations
-        WHERE org_id = p_org_id AND event_type = kind.event_type AND period = 'month';
-    ELSIF kind.aggregation = 'gauge_latest' THEN
-        -- storage persists across months: the latest reading up to the end of that month
-        SELECT coalesce((SELECT value FROM usage_aggregations
-                         WHERE org_id = p_org_id AND event_type = kind.event_type
-                           AND period = 'month' AND period_start <= p_month
+    IF meter.builtin THEN
+        IF meter.limit_scope = 'lifetime' THEN
+            SELECT coalesce(sum(value), 0) INTO used FROM usage_aggregations
+            WHERE org_id = p_org_id AND event_type = meter.key AND period = 'month';
+        ELSIF meter.aggregation = 'latest' THEN
+            SELECT coalesce((SELECT value FROM usage_aggregations
+                             WHERE org_id = p_org_id AND event_type = meter.key
+                               AND period = 'month' AND period_start <= p_month
+                             ORDER BY period_start DESC LIMIT 1), 0)
+            INTO used;
+        ELSE
+            SELECT coalesce((SELECT value FROM usage_aggregations
+                             WHERE org_id = p_org_id AND event_type = meter.key
+                               AND period = 'month' AND period_start = p_month), 0)
+            INTO used;
+        END IF;
+    ELSIF meter.limit_scope = 'lifetime' THEN
+        SELECT coalesce(CASE WHEN meter.aggregation = 'max' THEN max(value) ELSE sum(value) END, 0)
+        INTO used FROM meter_aggregations
+        WHERE org_id = p_org_id AND meter_key = meter.key AND period = 'month'
+          AND dimensions = '{}';
+    ELSIF meter.aggregation = 'latest' THEN
+        SELECT coalesce((SELECT value FROM meter_aggregations
+                         WHERE org_id = p_org_id AND meter_key = meter.key
+                           AND period = 'month' AND dimensions = '{}'
+                           AND period_start <= p_month
                          ORDER BY period_start DESC LIMIT 1), 0)
         INTO used;
     ELSE
-        SELECT coalesce((SELECT value FROM usage_aggregations
-                         WHERE org_id = p_org_id AND event_type = kind.event_type
-                           AND period = 'month' AND period_start = p_month), 0)
+        SELECT coalesce((SELECT value FROM meter_aggregations
+                         WHERE org_id = p_org_id AND meter_key = meter.key
+                           AND period = 'month' AND dimensions = '{}'
+                           AND period_start = p_month), 0)
         INTO used;
     END IF;
-    IF kind.limit_unit = 1 THEN
+    IF meter.limit_unit = 1 THEN
         RETURN used;
     END IF;
-    RETURN used / kind.limit_unit;
+    RETURN trim_scale(used / meter.limit_unit);
 END;
 $function$;
 
@@ -74,7 +98,8 @@ BEGIN
                                   'flags', feature.flags, 'allowed', true);
     END IF;
     month := date_trunc('month', now() AT TIME ZONE sub.timezone)::date;
-    used := usage_for_limit(p_org_id, p_feature_key, month);
+    -- exact numbers: no trailing zeros of a division (7, not 7.0000000000000000)
+    used := trim_scale(usage_for_limit(p_org_id, p_feature_key, month));
     IF feature.limit_value = -1 THEN
         RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan, 'limit', -1,
                                   'unlimited', true, 'used', used, 'remaining', NULL,

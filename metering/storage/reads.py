@@ -61,22 +61,26 @@ class ReadStore:
             await conn.execute(SCOPE_TO_ORG, str(org_id))
             yield conn
 
+    async def check_json(self, org_id: UUID, feature_key: str, requested: Decimal) -> str | None:
+        """The access check as the reader role scoped to `org_id` (one round trip), as the
+        JSON text PostgreSQL wrote (every number exact: no float on the way), or None for a
+        feature key no plan has."""
+        async with self._pool.acquire() as conn:
+            raw: str | None = await conn.fetchval(READER_CHECK, org_id, feature_key, requested)
+        return raw
+
     async def check(
         self, org_id: UUID, feature_key: str, requested: Decimal
     ) -> dict[str, Any] | None:
-        """The access check as the reader role scoped to `org_id` (one round trip), or None
-        for a feature key no plan has."""
-        async with self._pool.acquire() as conn:
-            raw = await conn.fetchval(READER_CHECK, org_id, feature_key, requested)
-        if raw is None:
-            return None
-        result: dict[str, Any] = json.loads(raw)
-        return result
+        """`check_json`, parsed: numbers as int or exact Decimal."""
+        raw = await self.check_json(org_id, feature_key, requested)
+        return None if raw is None else exact_json(raw)
 
-    async def entitlements(self, org_id: UUID) -> list[dict[str, Any]]:
+    async def entitlements_json(self, org_id: UUID) -> list[str]:
+        """Every feature's access check (as `check_json`) for the org's plan."""
         async with self._as_org(org_id) as conn:
             rows = await conn.fetch(ENTITLEMENTS, org_id)
-        return [json.loads(r["access"]) for r in rows]
+        return [r["access"] for r in rows]
 
     async def usage(
         self,
@@ -121,3 +125,9 @@ class SubscriptionStore:
             )
         assert row is not None
         return row
+
+
+def exact_json(text: str) -> dict[str, Any]:
+    """A JSON object with its decimal numbers as Decimal (never a binary float)."""
+    result: dict[str, Any] = json.loads(text, parse_float=Decimal)
+    return result

@@ -2,10 +2,9 @@
 
 import json
 from datetime import date
-from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic_core import PydanticCustomError
 
 from metering.api.dependencies import api_key, for_org, scoped
@@ -71,17 +70,18 @@ async def feature(
     feature_key: Annotated[str, Path(max_length=64)],
     key: Annotated[ApiKey, Depends(scoped("read"))],
     quantity: Annotated[str, Query(max_length=40, description="quantity requested")] = "1",
-) -> dict[str, Any]:
+) -> Response:
     state = state_of(request)
     for_org(key, org_id)
     try:
         requested = quantity_from_text(quantity)
     except PydanticCustomError as error:
         raise ApiError(400, error.type, f"quantity: {error}") from None
-    result = await state.reads.check(org_id, feature_key, requested)
-    if result is None:
+    raw = await state.reads.check_json(org_id, feature_key, requested)
+    if raw is None:
         raise ApiError(404, "unknown_feature", f"no plan has the feature {feature_key!r}")
-    return _jsonable(result)
+    # PostgreSQL's JSON text as it is: every number exact, and no parse and re-encode
+    return Response(raw, media_type="application/json")
 
 
 @router.get(
@@ -92,13 +92,12 @@ async def feature(
 )
 async def entitlements(
     org_id: OrgId, request: Request, key: Annotated[ApiKey, Depends(scoped("read"))]
-) -> dict[str, Any]:
+) -> Response:
     state = state_of(request)
     for_org(key, org_id)
-    return {
-        "org_id": org_id,
-        "features": [_jsonable(f) for f in await state.reads.entitlements(org_id)],
-    }
+    features = await state.reads.entitlements_json(org_id)
+    body = f'{{"org_id": "{org_id}", "features": [{", ".join(features)}]}}'
+    return Response(body, media_type="application/json")
 
 
 @router.get("/v1/plans", response_model=list[Plan], responses=ERRORS, tags=["read"])
@@ -114,7 +113,3 @@ async def plans(request: Request, _: Annotated[ApiKey, Depends(api_key)]) -> lis
             )
         )
     return [Plan(plan=name, features=features) for name, features in grouped.items()]
-
-
-def _jsonable(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float(v) if isinstance(v, Decimal) else v) for k, v in result.items()}

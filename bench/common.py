@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import platform
 import random
 import subprocess
@@ -164,3 +165,31 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+RESULTS = Path(__file__).with_name("results.jsonl")
+
+
+def record_result(bench: str, command: str, figures: dict[str, object]) -> None:
+    """Append one run's figures to bench/results.jsonl (the series BENCHMARKS.md quotes)."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    with RESULTS.open("a") as results:
+        results.write(
+            json.dumps(
+                {
+                    "bench": bench,
+                    "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "commit": commit,
+                    "machine": machine(),
+                    "command": command,
+                    **figures,
+                }
+            )
+            + "\n"
+        )

@@ -1,6 +1,10 @@
 """Freshness and notification latency under a steady 5,000 events/s.
 
-    .venv/bin/python -m bench.freshness [--rate 5000] [--seconds 60]
+    .venv/bin/python -m bench.freshness [--rate 5000] [--seconds 60] [--meters]
+
+With `--meters`, 13 meters are created before the load on top of the 7 seeded ones (20
+active meters: every kind, 3 with one or two dimensions of 10-50 values, 2 with filters)
+and the load's events carry the metadata they read.
 
 Starts `metering consume` and `metering aggregate`, runs `bench.load` in its own process,
 then measures, from the database and the limits topic:
@@ -29,7 +33,7 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
-from bench.common import ROOT, fresh_environment, machine, start_metering
+from bench.common import ROOT, fresh_environment, machine, record_result, start_metering
 from metering.topics import committed_reader
 
 PERCENTILES = """
@@ -62,10 +66,53 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def main(rate: int, seconds: float) -> None:
+# The 13 meters of `--meters` (issue 37's benchmark), all on the load's event type.
+EXTRA_METERS = [
+    {"key": "tokens_sum", "aggregation": "sum"},
+    {"key": "tokens_events", "aggregation": "count"},
+    {"key": "latency_max", "aggregation": "max", "value": "metadata.latency_ms"},
+    {"key": "tokens_latest", "aggregation": "latest"},
+    {"key": "latency_latest", "aggregation": "latest", "value": "metadata.latency_ms"},
+    {"key": "sessions", "aggregation": "unique_count", "value": "metadata.session"},
+    {"key": "models", "aggregation": "unique_count", "value": "metadata.model"},
+    {"key": "tokens_by_model", "aggregation": "sum", "group_by": ["model"]},
+    {"key": "calls_by_endpoint", "aggregation": "count", "group_by": ["endpoint"]},
+    {
+        "key": "latency_by_region_model",
+        "aggregation": "max",
+        "value": "metadata.latency_ms",
+        "group_by": ["region", "model"],
+    },
+    {"key": "prod_tokens", "aggregation": "sum", "filter": {"env": "prod"}},
+    {
+        "key": "prod_eu_events",
+        "aggregation": "count",
+        "filter": {"env": "prod", "region": ["r1", "r2", "r3"]},
+    },
+    {"key": "endpoint_count", "aggregation": "unique_count", "value": "metadata.endpoint"},
+]
+
+
+async def create_meters(dsn: str) -> None:
+    from metering.meters.definition import MeterSpec
+    from metering.meters.store import MeterStore
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        for spec in EXTRA_METERS:
+            await MeterStore(pool).create(MeterSpec.parse({"event_type": "ai_tokens_used", **spec}))
+    finally:
+        await pool.close()
+
+
+async def main(rate: int, seconds: float, meters: bool) -> None:
     settings = await fresh_environment("metering_bench_fresh")
     dsn = settings.database_url.get_secret_value()
     print(f"machine: {machine()}", flush=True)
+    if meters:
+        await create_meters(dsn)
+        print(f"20 active meters: the 7 seeded and {len(EXTRA_METERS)} more", flush=True)
     logs = Path(tempfile.mkdtemp(prefix="bench-fresh-"))
     consumer = start_metering(settings, "consume", "--metrics-port", "0", log=logs / "consume.log")
     aggregator = start_metering(
@@ -89,6 +136,7 @@ async def main(rate: int, seconds: float) -> None:
             str(rate),
             "--seconds",
             str(seconds),
+            *(["--metadata"] if meters else []),
         ],
         env=settings.child_environment(),
         cwd=ROOT,
@@ -143,6 +191,21 @@ async def main(rate: int, seconds: float) -> None:
         )
     else:
         print("notification latency: no probe crossing arrived")
+    record_result(
+        "freshness",
+        f"python -m bench.freshness --rate {rate} --seconds {seconds:g}"
+        + (" --meters" if meters else ""),
+        {
+            "active_meters": 7 + (len(EXTRA_METERS) if meters else 0),
+            "events": count,
+            "freshness_p50_ms": round(p50 * 1000),
+            "freshness_p99_ms": round(p99 * 1000),
+            "notification_p50_ms": round(percentile(received, 0.5) * 1000) if received else None,
+            "notification_p99_ms": round(percentile(received, 0.99) * 1000) if received else None,
+            "probes": len(probes),
+            "probes_received": len(received),
+        },
+    )
     await conn.close()
     for process in (consumer, aggregator):
         process.send_signal(signal.SIGTERM)
@@ -156,5 +219,6 @@ if __name__ == "__main__":
     )
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--meters", action="store_true", help="20 active meters, see above")
     args = parser.parse_args()
-    asyncio.run(main(args.rate, args.seconds))
+    asyncio.run(main(args.rate, args.seconds, args.meters))

@@ -22,7 +22,12 @@ from aiokafka import AIOKafkaProducer
 
 
 async def main(
-    bootstrap: str, topic: str, rate: int, seconds: float, probes_per_second: float
+    bootstrap: str,
+    topic: str,
+    rate: int,
+    seconds: float,
+    probes_per_second: float,
+    metadata: bool = False,
 ) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
@@ -47,6 +52,15 @@ async def main(
                     "quantity": rng.randint(1, 5),
                     "occurred_at": datetime.now(UTC).isoformat(),
                 }
+                if metadata:  # what the meters of `bench.freshness --meters` read
+                    body["metadata"] = {
+                        "model": f"m{rng.randrange(20)}",
+                        "endpoint": f"/v1/e{rng.randrange(50)}",
+                        "region": f"r{rng.randrange(10)}",
+                        "env": "prod" if rng.random() < 0.7 else "staging",
+                        "latency_ms": rng.randrange(1, 900),
+                        "session": f"s{rng.randrange(5000)}",
+                    }
                 await producer.send(topic, json.dumps(body).encode(), key=org.encode())
                 sent += 1
             if probes_per_second and now >= next_probe:
@@ -77,5 +91,15 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--probes-per-second", type=float, default=4)
+    parser.add_argument("--metadata", action="store_true", help="events carry metadata")
     args = parser.parse_args()
-    asyncio.run(main(args.bootstrap, args.topic, args.rate, args.seconds, args.probes_per_second))
+    asyncio.run(
+        main(
+            args.bootstrap,
+            args.topic,
+            args.rate,
+            args.seconds,
+            args.probes_per_second,
+            args.metadata,
+        )
+    )

@@ -61,48 +61,54 @@ async def test_a_meter_with_a_limit_key_is_what_the_check_and_the_crossings_coun
         "SELECT plan, $1, CASE plan WHEN 'free' THEN 10 ELSE -1 END FROM plans",
         feature,
     )
-    await MeterStore(pool).create(
-        MeterSpec.parse(
-            {
-                "key": f"gpu_minutes_{tag}",
-                "event_type": kind,
-                "aggregation": "sum",
-                "value": "metadata.minutes",
-                "limit_key": feature,
-            }
+    try:
+        await MeterStore(pool).create(
+            MeterSpec.parse(
+                {
+                    "key": f"gpu_minutes_{tag}",
+                    "event_type": kind,
+                    "aggregation": "sum",
+                    "value": "metadata.minutes",
+                    "limit_key": feature,
+                }
+            )
         )
-    )
-    await settle(aggregator)
-    org = uuid.uuid4()
-    reads = ReadStore(pool)
-    await store(
-        event_store, kind, org, {"metadata": {"minutes": "2.25"}}, {"metadata": {"minutes": 6}}
-    )
-    await settle(aggregator)
-    check = await reads.check(org, feature, Decimal(1))
-    assert check is not None
-    assert (check["limit"], check["used"], check["remaining"]) == (
-        10,
-        Decimal("8.25"),
-        Decimal("1.75"),
-    )
-    assert check["allowed"] is True
-    assert (await reads.check(org, feature, Decimal(2)))["allowed"] is False  # type: ignore[index]
-    crossed = await db.fetch(
-        "SELECT threshold_percent, used FROM limit_notifications WHERE org_id = $1", org
-    )
-    assert [(r["threshold_percent"], r["used"]) for r in crossed] == [(80, Decimal("8.25"))]
-    await store(event_store, kind, org, {"metadata": {"minutes": "1.75"}})
-    await settle(aggregator)
-    crossed = await db.fetch(
-        "SELECT threshold_percent, used FROM limit_notifications WHERE org_id = $1 "
-        "ORDER BY threshold_percent",
-        org,
-    )
-    assert [(r["threshold_percent"], r["used"]) for r in crossed] == [
-        (80, Decimal("8.25")),
-        (100, Decimal("10")),
-    ]
+        await settle(aggregator)
+        org = uuid.uuid4()
+        reads = ReadStore(pool)
+        await store(
+            event_store, kind, org, {"metadata": {"minutes": "2.25"}}, {"metadata": {"minutes": 6}}
+        )
+        await settle(aggregator)
+        check = await reads.check(org, feature, Decimal(1))
+        assert check is not None
+        assert (check["limit"], check["used"], check["remaining"]) == (
+            10,
+            Decimal("8.25"),
+            Decimal("1.75"),
+        )
+        assert check["allowed"] is True
+        assert (await reads.check(org, feature, Decimal(2)))["allowed"] is False  # type: ignore[index]
+        crossed = await db.fetch(
+            "SELECT threshold_percent, used FROM limit_notifications WHERE org_id = $1", org
+        )
+        assert [(r["threshold_percent"], r["used"]) for r in crossed] == [(80, Decimal("8.25"))]
+        await store(event_store, kind, org, {"metadata": {"minutes": "1.75"}})
+        await settle(aggregator)
+        crossed = await db.fetch(
+            "SELECT threshold_percent, used FROM limit_notifications WHERE org_id = $1 "
+            "ORDER BY threshold_percent",
+            org,
+        )
+        assert [(r["threshold_percent"], r["used"]) for r in crossed] == [
+            (80, Decimal("8.25")),
+            (100, Decimal("10")),
+        ]
+    finally:  # the plan table is shared by every test: leave it as the contract seeds it
+        await db.execute("DELETE FROM plan_features WHERE feature_key = $1", feature)
+        await db.execute(
+            "UPDATE meters SET status = 'archived' WHERE key = $1", f"gpu_minutes_{tag}"
+        )
 
 
 async def test_the_access_check_answers_exact_numbers(  # type: ignore[no-untyped-def]

@@ -1,0 +1,205 @@
+"""Meters on one big organization: backfill of new meters, and usage queries under load.
+
+    .venv/bin/python -m bench.meter_usage [--events 1000000] [--rate 200] [--seconds 20]
+
+1. Stores `--events` events of one organization (zone Europe/Berlin) spread over this
+   month so far, in SQL (`api_call` with metadata endpoint (50 values), model (20), region
+   (10)), and aggregates them.
+2. Creates two meters after the fact (`calls_by_endpoint`: count by endpoint;
+   `tokens_by_model`: sum by model) and times their backfill by the aggregator against a
+   plain `GROUP BY` of the same rows into a temporary table, in the same run.
+3. Serves the API (`metering serve`) and sends an open-loop load of `--rate` requests/s for
+   `--seconds` of each query kind: day windows over the month with group_by one dimension
+   (from the rollups), and hour windows over 7 days (computed from raw events). Prints the
+   latency percentiles measured by the client, and errors.
+
+Appends the figures to bench/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import httpx
+from prometheus_client import CollectorRegistry
+
+from aggregator.service import Aggregator
+from aggregator.store import AggregateStore
+from bench.common import fresh_environment, machine, record_result, start_metering
+from metering.meters.definition import MeterSpec
+from metering.meters.store import MeterStore
+from metering.metrics import AggregatorMetrics
+from metering.storage.keys import KeyStore
+
+ORG = uuid.UUID("5b0e8e3a-6a57-4c8e-9f59-1c1b1d9e3a01")
+INSERT_EVENTS = """
+INSERT INTO usage_events (org_id, event_id, event_type, quantity, occurred_at, metadata)
+SELECT $1, 'u' || g, 'api_call', 1 + g % 5,
+       $2::timestamptz + (($3::timestamptz - $2::timestamptz) * (g::float8 / $4)),
+       jsonb_build_object('endpoint', '/v1/e' || (g % 50), 'model', 'm' || (g % 20),
+                          'region', 'r' || (g % 10))
+FROM generate_series(1, $4::bigint) AS g
+"""
+PLAIN_GROUP_BY = """
+CREATE TEMP TABLE plain AS
+SELECT (occurred_at AT TIME ZONE 'Europe/Berlin')::date AS day, metadata ->> 'endpoint' AS e,
+       count(*) AS n
+FROM usage_events WHERE event_type = 'api_call' AND org_id = $1
+GROUP BY 1, 2
+"""
+
+
+async def settle(aggregator: Aggregator) -> float:
+    started = time.perf_counter()
+    while True:
+        result = await aggregator.run_once(publish=False)
+        if result.events == 0 and not aggregator.backfilling:
+            return time.perf_counter() - started
+
+
+async def open_loop(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], rate: int, seconds: float
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        response = await client.get(path, params=params)
+        latencies.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            errors += 1
+
+    tasks = []
+    start = time.perf_counter()
+    for n in range(int(rate * seconds)):
+        delay = start + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return latencies, errors
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000
+
+
+async def main(events: int, rate: int, seconds: float) -> None:
+    settings = await fresh_environment("metering_bench_usage")
+    dsn = settings.database_url.get_secret_value()
+    print(f"machine: {machine()}", flush=True)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, command_timeout=None)
+    assert pool is not None
+    now = datetime.now(UTC)
+    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    await pool.execute(
+        "INSERT INTO org_subscriptions (org_id, plan, timezone) VALUES ($1, 'enterprise', $2)",
+        ORG,
+        "Europe/Berlin",
+    )
+    started = time.perf_counter()
+    await pool.execute(INSERT_EVENTS, ORG, month_start + timedelta(hours=2), now, events)
+    await pool.execute("ANALYZE usage_events")
+    print(f"stored {events:,} events in {time.perf_counter() - started:.1f} s", flush=True)
+    aggregator = Aggregator(
+        settings, AggregateStore(pool), None, AggregatorMetrics(CollectorRegistry())
+    )
+    print(f"v1 aggregation: {await settle(aggregator):.1f} s", flush=True)
+    meters = MeterStore(pool)
+    for spec in (
+        {"key": "calls_by_endpoint", "aggregation": "count", "group_by": ["endpoint"]},
+        {"key": "tokens_by_model", "aggregation": "sum", "group_by": ["model"]},
+    ):
+        await meters.create(MeterSpec.parse({"event_type": "api_call", **spec}))
+    backfill = await settle(aggregator)
+    async with pool.acquire() as conn:
+        started = time.perf_counter()
+        await conn.execute(PLAIN_GROUP_BY, ORG)
+        plain = time.perf_counter() - started
+    print(
+        f"backfill of 2 meters over {events:,} events: {backfill:.2f} s; plain GROUP BY of "
+        f"the same rows (one meter's grouping): {plain:.2f} s; ratio per meter "
+        f"{backfill / 2 / plain:.2f}",
+        flush=True,
+    )
+    key, _ = await KeyStore(pool).create(["read"], ORG)
+    await pool.close()
+
+    port = 18080
+    logs = Path(tempfile.mkdtemp(prefix="bench-usage-"))
+    server = start_metering(settings, "serve", "--port", str(port), log=logs / "serve.log")
+    figures: dict[str, object] = {
+        "events": events,
+        "backfill_s": round(backfill, 3),
+        "plain_group_by_s": round(plain, 3),
+        "rate": rate,
+        "seconds": seconds,
+    }
+    try:
+        headers = {"Authorization": f"Bearer {key}"}
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60, limits=limits
+        ) as client:
+            for _ in range(100):
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.2)
+            path = f"/v1/orgs/{ORG}/meters/calls_by_endpoint/usage"
+            day = {"window": "day", "group_by": "endpoint"}
+            week_ago = (now - timedelta(days=7)).isoformat()
+            hour = {"window": "hour", "from": week_ago, "to": now.isoformat(), "group_by": ""}
+            for name, params in (("day_month_group_by", day), ("hour_7_days", hour)):
+                one = time.perf_counter()
+                first = await client.get(path, params=params)
+                single = time.perf_counter() - one
+                assert first.status_code == 200, first.text
+                rows = len(first.json()["rows"])
+                latencies, errors = await open_loop(client, path, params, rate, seconds)
+                print(
+                    f"{name}: {rows} rows; one request alone {single * 1000:.0f} ms; at {rate}/s "
+                    f"open loop for {seconds:.0f} s: p50 {pct(latencies, 0.5):.0f} ms, "
+                    f"p99 {pct(latencies, 0.99):.0f} ms, max {max(latencies) * 1000:.0f} ms, "
+                    f"{errors} errors",
+                    flush=True,
+                )
+                figures[name] = {
+                    "rows": rows,
+                    "single_ms": round(single * 1000, 1),
+                    "p50_ms": round(pct(latencies, 0.5), 1),
+                    "p99_ms": round(pct(latencies, 0.99), 1),
+                    "errors": errors,
+                }
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    record_result(
+        "meter_usage",
+        f"python -m bench.meter_usage --events {events} --rate {rate} --seconds {seconds:g}",
+        figures,
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+    asyncio.run(main(args.events, args.rate, args.seconds))

@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from enum import StrEnum
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -144,7 +144,7 @@ def window_start(moment: datetime, window: str, zone: str) -> datetime:
     windows of one real hour each, and a zone half an hour off UTC has its own hours."""
     local = moment.astimezone(ZoneInfo(zone))
     if window == "hour":
-        return moment - timedelta(
+        return moment.astimezone(UTC) - timedelta(
             minutes=local.minute, seconds=local.second, microseconds=local.microsecond
         )
     if window == "day":
@@ -199,3 +199,93 @@ def expected_meter_usage(
         for key, readings in groups.items()
     }
     return rows, dict(skipped)
+
+
+# time_weighted: the sum of value * hours in force inside each window. The readings of each series
+# (meter and dimension values) form a step function: a reading is in force from its
+# occurred_at until the next reading of its series (on equal times the larger value), the
+# last one before a window carries into it, and a window not over at `now` counts up to
+# then. value·seconds is exact; value·hours is rounded once, half away from zero, to 12
+# decimal places. `event_count` is the number of readings inside the window.
+
+HOURS_DECIMALS = 12
+
+
+def windows_between(
+    start: datetime, end: datetime, window: str, zone: str
+) -> list[tuple[datetime, datetime]]:
+    """The windows [start, next) of `window` in `zone` that start in [start, end); `start`
+    must be a window start (an instant)."""
+    found = []
+    if window == "hour":
+        moment = start.astimezone(UTC)  # real hours (aware arithmetic in a zone is wall-clock)
+        while moment < end:
+            found.append((moment, moment + timedelta(hours=1)))
+            moment += timedelta(hours=1)
+        return found
+    tz = ZoneInfo(zone)
+    local = start.astimezone(tz).replace(tzinfo=None)
+    while (at := local.replace(tzinfo=tz)) < end:
+        if window == "day":
+            following = local + timedelta(days=1)
+        else:
+            year, month = divmod(local.month, 12)
+            following = local.replace(year=local.year + year, month=month + 1)
+        found.append((at, following.replace(tzinfo=tz)))
+        local = following
+    return found
+
+
+def value_hours(value_seconds: Decimal) -> Decimal:
+    """value·seconds as value·hours, rounded once, half away from zero, to 12 decimals."""
+    with localcontext() as exact:
+        exact.prec = 200
+        hours = value_seconds * 10**HOURS_DECIMALS / 3600
+        rounded: Decimal = hours.quantize(Decimal(1), rounding=ROUND_HALF_UP) / 10**HOURS_DECIMALS
+        return rounded
+
+
+def expected_time_weighted(
+    spec: MeterSpec,
+    events: Iterable[StoredEvent],
+    windows: list[tuple[datetime, datetime]],
+    now: datetime,
+    kept: tuple[str, ...] | None = None,
+) -> dict[tuple[tuple[tuple[str, str | None], ...], datetime], tuple[Decimal, int]]:
+    """(dimensions kept, window start) -> (value·hours, readings inside) for one org's
+    events of a time_weighted meter; series whose dimensions are not kept are added up."""
+    series: dict[tuple[tuple[str, str | None], ...], dict[datetime, Decimal]] = defaultdict(dict)
+    for event in events:
+        user = str(event.user_id) if event.user_id is not None else None
+        reading = read_event(spec, event.quantity, user, dict(event.metadata or {}))
+        if reading is None or reading.skipped is not None:
+            continue
+        assert isinstance(reading.value, Decimal)
+        full = tuple((path, reading.dimensions[path]) for path in spec.group_by)
+        known = series[full].get(event.occurred_at)
+        series[full][event.occurred_at] = (
+            reading.value if known is None else max(known, reading.value)
+        )
+    keep = spec.group_by if kept is None else kept
+    seconds: dict[tuple[tuple[tuple[str, str | None], ...], datetime], Decimal] = defaultdict(
+        Decimal
+    )
+    counts: dict[tuple[tuple[tuple[str, str | None], ...], datetime], int] = defaultdict(int)
+    for full, readings in series.items():
+        dims = tuple(pair for pair in full if pair[0] in keep)
+        times = sorted(readings)
+        for i, at in enumerate(times):
+            until = times[i + 1] if i + 1 < len(times) else None
+            for start, following in windows:
+                end = min(following, now) if until is None else min(following, now, until)
+                begin = max(at, start)
+                if start >= now or at >= min(following, now) or end <= begin:
+                    continue
+                span = end - begin
+                micro = (span.days * 86400 + span.seconds) * 10**6 + span.microseconds
+                with localcontext() as exact:
+                    exact.prec = 200
+                    seconds[(dims, start)] += readings[at] * Decimal(micro) / 10**6
+                if start <= at < following:
+                    counts[(dims, start)] += 1
+    return {key: (value_hours(total), counts[key]) for key, total in seconds.items()}

@@ -222,12 +222,11 @@ class AggregateStore:
             meters: list[str] = await conn.fetchval(RECONCILED_METERS) or []
             if meters:
                 watermark = await conn.fetchval(WATERMARK)
-                found += [
-                    dict(r)
-                    for r in await conn.fetch(
-                        RECONCILE_METERS, start, end, org_id, meters, watermark
-                    )
-                ]
+                for check in (RECONCILE_METERS, RECONCILE_READINGS):
+                    found += [
+                        dict(r)
+                        for r in await conn.fetch(check, start, end, org_id, meters, watermark)
+                    ]
             return found
 
 
@@ -327,7 +326,7 @@ WITH ev AS (
                  AT TIME ZONE 'UTC') r
     LEFT JOIN org_subscriptions s ON s.org_id = r.org_id
     CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
-    WHERE r.skipped IS NULL
+    WHERE r.skipped IS NULL AND r.aggregation <> 'time_weighted'
 ), expected AS (
     SELECT org_id, meter_key, dimensions, period, period_start, count(*) AS event_count,
            CASE min(aggregation)
@@ -350,4 +349,29 @@ FROM (SELECT * FROM expected WHERE period_start >= $1 AND period_start < $2) x
 FULL JOIN stored a USING (org_id, meter_key, dimensions, period, period_start)
 WHERE x.value IS DISTINCT FROM a.value OR x.event_count IS DISTINCT FROM a.event_count
 ORDER BY org_id, meter_key, dimensions, period, period_start
+"""
+# time_weighted meters keep readings, not period rows: every reading of the window's days
+# (in UTC) must be the largest value its meter read at that instant, and no other.
+RECONCILE_READINGS = """
+WITH expected AS (
+    SELECT r.org_id, r.meter_key, r.dimensions, r.occurred_at, max(r.number) AS value,
+           count(*) AS events
+    FROM meter_event_readings($4::text[], $3::uuid, 0, $5::bigint,
+                              $1::date::timestamp AT TIME ZONE 'UTC',
+                              $2::date::timestamp AT TIME ZONE 'UTC') r
+    WHERE r.skipped IS NULL AND r.aggregation = 'time_weighted'
+    GROUP BY 1, 2, 3, 4
+), stored AS (
+    SELECT org_id, meter_key, dimensions, occurred_at, value FROM meter_readings
+    WHERE meter_key = ANY ($4::text[]) AND ($3::uuid IS NULL OR org_id = $3)
+      AND occurred_at >= $1::date::timestamp AT TIME ZONE 'UTC'
+      AND occurred_at < $2::date::timestamp AT TIME ZONE 'UTC'
+)
+SELECT org_id, meter_key AS event_type, dimensions::text AS dimensions, 'reading' AS period,
+       occurred_at AS period_start, x.value AS expected_value, a.value AS stored_value,
+       x.events AS expected_events, CASE WHEN a.value IS NULL THEN 0 ELSE 1 END AS stored_events
+FROM expected x
+FULL JOIN stored a USING (org_id, meter_key, dimensions, occurred_at)
+WHERE x.value IS DISTINCT FROM a.value
+ORDER BY org_id, meter_key, dimensions, occurred_at
 """

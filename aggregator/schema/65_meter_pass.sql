@@ -15,12 +15,14 @@
 -- What meters read from stored events, one row per (event, meter): the meters `p_keys`
 -- (whatever their status), the events of `p_org` (every organization when NULL) written by
 -- the transactions in [p_from_xid, p_to_xid) that occurred in [p_from_at, p_to_at) (any
--- time when NULL), that pass the meter's filter. `skipped` says why a meter cannot count
+-- time when NULL) and whose (org_id, occurred_at) is after (p_after_org, p_after_at) and at
+-- or before (p_upto_org, p_upto_at) (no bound when NULL: the backfill's chunks, read
+-- through the (org_id, occurred_at) index), that pass the meter's filter. `skipped` says why a meter cannot count
 -- an event (NULL: it counts `number`, or `unique_value` for unique_count). The one SQL
 -- statement of the reading rules (metering.meters.definition.read_event in Python): the
 -- pass, the backfill and the usage queries computed from raw events all read through it.
 -- A single SELECT in LANGUAGE sql, so the planner inlines it into the calling statement.
-CREATE OR REPLACE FUNCTION public.meter_event_readings(p_keys text[], p_org uuid, p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone)
+CREATE OR REPLACE FUNCTION public.meter_event_readings(p_keys text[], p_org uuid, p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_after_org uuid DEFAULT NULL::uuid, p_after_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_upto_org uuid DEFAULT NULL::uuid, p_upto_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS TABLE(org_id uuid, meter_key text, aggregation text, occurred_at timestamp with time zone, dimensions jsonb, number numeric, unique_value text, skipped text)
  LANGUAGE sql
  STABLE
@@ -61,6 +63,8 @@ AS $function$
           AND (p_org IS NULL OR e.org_id = p_org)
           AND (p_from_at IS NULL OR e.occurred_at >= p_from_at)
           AND (p_to_at IS NULL OR e.occurred_at < p_to_at)
+          AND (p_after_org IS NULL OR (e.org_id, e.occurred_at) > (p_after_org, p_after_at))
+          AND (p_upto_org IS NULL OR (e.org_id, e.occurred_at) <= (p_upto_org, p_upto_at))
           AND meter_filter_passes(e.metadata, m.filter)
     ) r
 $function$;
@@ -68,9 +72,10 @@ $function$;
 -- Counts, for the meters `p_keys` (every meter that is not builtin or archived when NULL),
 -- the events written by the transactions in [p_from_xid, p_to_xid) that occurred in
 -- [p_from_at, p_to_at) (any time when NULL), of `p_org` (every organization when NULL),
--- into the periods `p_periods`; returns how many (event, meter) pairs it read. Skipped
+-- in the (org_id, occurred_at) range of meter_event_readings, into the periods
+-- `p_periods`; returns how many (event, meter) pairs it read. Skipped
 -- events are added to meter_skips (when both periods are counted).
-CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_org uuid DEFAULT NULL::uuid, p_periods text[] DEFAULT '{day,month}'::text[])
+CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_org uuid DEFAULT NULL::uuid, p_periods text[] DEFAULT '{day,month}'::text[], p_after_org uuid DEFAULT NULL::uuid, p_after_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_upto_org uuid DEFAULT NULL::uuid, p_upto_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS bigint
  LANGUAGE plpgsql
  SET plan_cache_mode TO 'force_custom_plan'
@@ -90,7 +95,8 @@ BEGIN
         SELECT r.org_id, r.meter_key AS key, r.aggregation, r.occurred_at, r.dimensions,
                r.number, r.unique_value, r.skipped,
                (r.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date AS day
-        FROM meter_event_readings(keys, p_org, p_from_xid, p_to_xid, p_from_at, p_to_at) r
+        FROM meter_event_readings(keys, p_org, p_from_xid, p_to_xid, p_from_at, p_to_at,
+                                  p_after_org, p_after_at, p_upto_org, p_upto_at) r
         LEFT JOIN org_subscriptions s ON s.org_id = r.org_id
     ), skips AS (
         INSERT INTO meter_skips AS k (meter_key, reason, events)
@@ -99,13 +105,23 @@ BEGIN
         ORDER BY 1, 2
         ON CONFLICT (meter_key, reason) DO UPDATE SET events = k.events + excluded.events
         RETURNING 1
+    ), readings AS (
+        -- time_weighted: the readings themselves (see meter_readings, migration 016)
+        INSERT INTO meter_readings AS g (org_id, meter_key, dimensions, occurred_at, value)
+        SELECT org_id, key, dimensions, occurred_at, max(number) FROM judged
+        WHERE aggregation = 'time_weighted' AND skipped IS NULL
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (org_id, meter_key, dimensions, occurred_at)
+        DO UPDATE SET value = greatest(g.value, excluded.value)
+        RETURNING 1
     ), periods AS (
         SELECT j.org_id, j.key, j.aggregation, j.dimensions, p.period,
                CASE p.period WHEN 'day' THEN j.day
                     ELSE date_trunc('month', j.day)::date END AS period_start,
                j.number, j.unique_value, j.occurred_at
         FROM judged j CROSS JOIN unnest(p_periods) AS p (period)
-        WHERE j.skipped IS NULL
+        WHERE j.skipped IS NULL AND j.aggregation <> 'time_weighted'
     ), valued AS (
         INSERT INTO meter_aggregations AS a
             (org_id, meter_key, dimensions, period, period_start, value, event_count, latest_at)
@@ -161,10 +177,8 @@ BEGIN
             updated_at = now()
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM judged)
-           + 0 * ((SELECT count(*) FROM skips) + (SELECT count(*) FROM valued)
-                  + (SELECT count(*) FROM counted_unique))
-    INTO counted;
+    -- every data-modifying CTE runs to completion whether it is read or not
+    SELECT count(*) INTO counted FROM judged;
     RETURN counted;
 END;
 $function$;
@@ -210,7 +224,8 @@ BEGIN
         boundary := CASE WHEN p_horizon IS NULL THEN '-infinity'::timestamp
                          ELSE date_trunc(p, p_horizon AT TIME ZONE p_zone)
                               + ('1 ' || p)::interval END;
-        FOR m IN SELECT key, status, counted_from_xid, backfill_done_until FROM meters
+        FOR m IN SELECT key, status, counted_from_xid, backfill_after_org, backfill_after_at
+                 FROM meters
                  WHERE NOT builtin AND status <> 'archived' AND counted_from_xid IS NOT NULL LOOP
             DELETE FROM meter_aggregations
             WHERE org_id = p_org AND meter_key = m.key AND period = p
@@ -223,10 +238,12 @@ BEGIN
             IF m.status = 'active' THEN
                 PERFORM count_meter_events(ARRAY[m.key], 0, m.counted_from_xid,
                                            boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p]);
-            ELSIF m.backfill_done_until IS NOT NULL THEN
+            ELSIF m.backfill_after_org IS NOT NULL THEN
+                -- the part of the backfill done so far
                 PERFORM count_meter_events(ARRAY[m.key], 0, m.counted_from_xid,
-                                           boundary AT TIME ZONE p_zone, m.backfill_done_until,
-                                           p_org, ARRAY[p]);
+                                           boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p],
+                                           NULL, NULL, m.backfill_after_org,
+                                           m.backfill_after_at);
             END IF;
         END LOOP;
     END LOOP;
@@ -247,4 +264,50 @@ AS $function$
     JOIN meters m ON m.key = a.meter_key
     WHERE m.limit_key IS NOT NULL AND NOT m.builtin AND m.status <> 'archived'
       AND a.period = 'month' AND a.dimensions = '{}' AND a.updated_at = now()
+$function$;
+
+-- time_weighted (contract section 2): per window of `p_window` (hour, day, month) in
+-- `p_zone` starting in [p_from, p_to), per dimension values kept (`p_kept`; the others are
+-- added up), Σ value × hours in force inside the window: the readings of each series form
+-- a step function, the last reading before the window carries in, and a window not over at
+-- `p_now` counts up to then. `event_count` is the number of readings inside the window.
+-- Windows with nothing in force are left out. Value·hours are rounded to 12 decimals.
+CREATE OR REPLACE FUNCTION public.time_weighted_usage(p_org uuid, p_key text, p_window text, p_zone text, p_from timestamp with time zone, p_to timestamp with time zone, p_now timestamp with time zone, p_kept text[], p_filter jsonb)
+ RETURNS TABLE(window_start timestamp with time zone, dimensions text, value numeric, event_count bigint)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    WITH windows AS (
+        SELECT t AS start, t + interval '1 hour' AS next
+        FROM generate_series(p_from, p_to - interval '1 microsecond', interval '1 hour') AS t
+        WHERE p_window = 'hour' AND t < p_now
+        UNION ALL
+        SELECT t AT TIME ZONE p_zone, (t + ('1 ' || p_window)::interval) AT TIME ZONE p_zone
+        FROM generate_series(p_from AT TIME ZONE p_zone,
+                             (p_to AT TIME ZONE p_zone) - interval '1 microsecond',
+                             ('1 ' || p_window)::interval) AS t
+        WHERE p_window <> 'hour' AND t AT TIME ZONE p_zone < p_now
+    ), series AS (
+        SELECT r.dimensions, r.occurred_at, r.value,
+               lead(r.occurred_at) OVER (PARTITION BY r.dimensions ORDER BY r.occurred_at)
+                   AS until
+        FROM meter_readings r
+        WHERE r.org_id = p_org AND r.meter_key = p_key AND r.occurred_at < p_to
+          AND r.dimensions @> p_filter
+    ), kept AS (
+        SELECT (SELECT coalesce(jsonb_object_agg(k, s.dimensions -> k), '{}'::jsonb)
+                FROM unnest(p_kept) AS k) AS dims,
+               s.occurred_at, s.value, coalesce(s.until, 'infinity') AS until
+        FROM series s
+        WHERE coalesce(s.until, 'infinity') > p_from
+    )
+    -- value·seconds is exact; value·hours is rounded once, half away from zero, to 12
+    -- decimal places (aggregator.semantics.time_weighted_value does the same)
+    SELECT w.start, k.dims::text,
+           round(sum(k.value * extract(epoch FROM least(k.until, w.next, p_now)
+                                                - greatest(k.occurred_at, w.start))) / 3600, 12),
+           count(*) FILTER (WHERE k.occurred_at >= w.start AND k.occurred_at < w.next)
+    FROM windows w
+    JOIN kept k ON k.occurred_at < least(w.next, p_now) AND k.until > w.start
+    GROUP BY w.start, k.dims
 $function$;

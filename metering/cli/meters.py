@@ -123,7 +123,7 @@ def _wait_until_active(ctx: click.Context, key: str) -> None:
         return await with_pool(settings, watch)
 
     meter = run_sync(follow())
-    click.echo(f"{key}: {meter.status}, {meter.row['backfill_events']} stored events counted")
+    click.echo(f"{key}: {meter.status}, {meter.row['backfill_read']} stored events backfilled")
 
 
 @meters.command("list")

@@ -167,11 +167,6 @@ class MeterSpec:
             raise InvalidMeter(
                 "aggregation", "must be one of: " + ", ".join(a.value for a in Aggregation)
             ) from None
-        if aggregation is Aggregation.TIME_WEIGHTED:
-            raise InvalidMeter(
-                "aggregation",
-                "time_weighted is not available yet (issue 37 left it open); use latest or max",
-            )
         value = _value_source(aggregation, raw.get("value"))
         group_by = raw.get("group_by") or []
         if not isinstance(group_by, list):
@@ -197,6 +192,10 @@ class MeterSpec:
             if group_by:
                 raise InvalidMeter(
                     "limit_key", "a meter with dimensions cannot count against a limit"
+                )
+            if aggregation is Aggregation.TIME_WEIGHTED:
+                raise InvalidMeter(
+                    "limit_key", "a time_weighted meter cannot count against a limit (yet)"
                 )
             if limit_scope == "lifetime" and aggregation not in (
                 Aggregation.SUM,

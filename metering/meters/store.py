@@ -70,16 +70,12 @@ class Meter:
         """How much of the backfill is done (0..1), None before it started."""
         if self.row["backfilled_at"] is not None:
             return 1.0
-        start, done, end = (
-            self.row["backfill_from"],
-            self.row["backfill_done_until"],
-            self.row["backfill_until"],
-        )
-        if start is None or end is None:
+        total = self.row["backfill_total"]
+        if total is None:
             return None
-        if done is None or end <= start:
+        if total == 0:
             return 0.0
-        fraction: float = (done - start) / (end - start)
+        fraction: float = self.row["backfill_read"] / total
         return max(0.0, min(1.0, fraction))
 
     def document(self) -> dict[str, Any]:
@@ -103,10 +99,8 @@ class Meter:
             "created_at": _iso(r["created_at"]),
             "archived_at": _iso(r["archived_at"]),
             "backfill": {
-                "events": r["backfill_events"],
-                "from": _iso(r["backfill_from"]),
-                "done_until": _iso(r["backfill_done_until"]),
-                "until": _iso(r["backfill_until"]),
+                "events": r["backfill_total"],
+                "read": r["backfill_read"],
                 "fraction": fraction,
                 "finished_at": _iso(r["backfilled_at"]),
                 "waiting_for_aggregator": r["counted_from_xid"] is None

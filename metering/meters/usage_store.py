@@ -93,6 +93,11 @@ FROM (
 ) x
 GROUP BY period_start, dims
 """
+# time_weighted: computed from the readings (meter_readings) for any window and zone
+TIME_WEIGHTED = """
+SELECT window_start, dimensions, value, event_count
+FROM time_weighted_usage($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+"""
 FROM_V1_ROLLUPS = """
 SELECT period_start::timestamp AS local_start, '{}' AS dimensions, value, event_count
 FROM usage_aggregations
@@ -179,7 +184,20 @@ class MeterUsageStore:
             from_rollups = window != "hour" and zone_name == org_zone
             check_served_range(windows, from_rollups)
             wanted = json.dumps(filters)
-            if from_rollups:
+            if meter["aggregation"] == "time_weighted":
+                rows = await conn.fetch(
+                    TIME_WEIGHTED,
+                    org_id,
+                    meter_key,
+                    window,
+                    zone_name,
+                    windows.start_instant,
+                    windows.end_instant,
+                    now,
+                    kept,
+                    wanted,
+                )
+            elif from_rollups:
                 rows = await self._from_rollups(conn, meter, org_id, windows, kept, wanted)
             else:
                 await conn.execute(FORCE_CUSTOM_PLAN)

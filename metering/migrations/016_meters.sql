@@ -30,10 +30,12 @@ CREATE TABLE meters (
     created_by        text,
     archived_at       timestamptz,
     counted_from_xid  bigint,
-    backfill_from     timestamptz,            -- the backfill's start (the oldest stored event)
-    backfill_done_until timestamptz,          -- events before this instant are backfilled
-    backfill_until    timestamptz,            -- the backfill's end (after the newest event)
-    backfill_events   bigint NOT NULL DEFAULT 0,
+    -- the backfill walks the events below counted_from_xid in (org_id, occurred_at) order:
+    -- every event at or before this position is counted; how many of its type it read
+    backfill_total    bigint,
+    backfill_read     bigint NOT NULL DEFAULT 0,
+    backfill_after_org uuid,
+    backfill_after_at timestamptz,
     backfilled_at     timestamptz,
     CHECK ((limit_key IS NULL) = (limit_scope IS NULL))
 );
@@ -75,6 +77,17 @@ CREATE TABLE meter_unique_values (
     value         text NOT NULL,
     PRIMARY KEY (org_id, meter_key, period, period_start, dimensions, value)
 );
+-- time_weighted: the readings (one per instant; on equal times the larger value). The value
+-- of a window is computed from them when it is read: for a period not over yet it grows
+-- with the clock, so a stored number would be stale the moment it was written.
+CREATE TABLE meter_readings (
+    org_id       uuid NOT NULL,
+    meter_key    text NOT NULL,
+    dimensions   jsonb NOT NULL,
+    occurred_at  timestamptz NOT NULL,
+    value        numeric NOT NULL,
+    PRIMARY KEY (org_id, meter_key, dimensions, occurred_at)
+);
 -- Events a meter read the type of but could not read (metering_meter_skipped_total).
 CREATE TABLE meter_skips (
     meter_key  text NOT NULL,
@@ -94,13 +107,16 @@ CREATE TABLE meter_notifications (
 -- The API reads usage as metering_reader scoped to one organization (migration 014); the
 -- usage queries computed from raw events count those below the aggregator's watermark.
 GRANT SELECT ON meters TO metering_writer, metering_reader;
-GRANT SELECT ON meter_aggregations, meter_unique_values TO metering_reader;
+GRANT SELECT ON meter_aggregations, meter_unique_values, meter_readings TO metering_reader;
 GRANT SELECT (name, watermark_xid) ON aggregator_state TO metering_reader;
 ALTER TABLE meter_aggregations ENABLE ROW LEVEL SECURITY;
 ALTER TABLE meter_unique_values ENABLE ROW LEVEL SECURITY;
+ALTER TABLE meter_readings ENABLE ROW LEVEL SECURITY;
 CREATE POLICY reader_own_org ON meter_aggregations FOR SELECT TO metering_reader
     USING (org_id = metering_scoped_org());
 CREATE POLICY reader_own_org ON meter_unique_values FOR SELECT TO metering_reader
+    USING (org_id = metering_scoped_org());
+CREATE POLICY reader_own_org ON meter_readings FOR SELECT TO metering_reader
     USING (org_id = metering_scoped_org());
 
 -- The trigger's function is defined in metering/schema/60_meters.sql, applied after this

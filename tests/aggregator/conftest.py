@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from aggregator.backfill import Backfiller
 from aggregator.service import Aggregator
 from aggregator.store import AggregateStore
 from metering.config import Settings
@@ -48,8 +49,15 @@ def aggregate_store(pool: asyncpg.Pool) -> AggregateStore:
 
 @pytest.fixture
 def aggregator(settings: Settings, aggregate_store: AggregateStore) -> Aggregator:
-    """An aggregator that does not publish (tests of publishing build their own)."""
-    return Aggregator(settings, aggregate_store, None, AggregatorMetrics(CollectorRegistry()))
+    """An aggregator that does not publish (tests of publishing build their own), whose
+    backfills read 5 events a chunk (many chunks, passes between them)."""
+    return Aggregator(
+        settings,
+        aggregate_store,
+        None,
+        AggregatorMetrics(CollectorRegistry()),
+        backfiller=Backfiller(aggregate_store.pool, chunk_events=5),
+    )
 
 
 class Events:

@@ -55,7 +55,7 @@ AS $function$
                       OR jsonb_typeof(e.metadata #> m.value_path) = 'null' THEN 'value_missing'
                END AS missing
         FROM usage_events e
-        JOIN (SELECT key, event_type, aggregation, filter, group_by,
+        JOIN (SELECT key, event_type, aggregation, filter_docs, group_by,
                      CASE WHEN value LIKE 'metadata.%'
                           THEN string_to_array(substr(value, 10), '.') END AS value_path
               FROM meters WHERE key = ANY (p_keys)) m ON m.event_type = e.event_type
@@ -65,7 +65,8 @@ AS $function$
           AND (p_to_at IS NULL OR e.occurred_at < p_to_at)
           AND (p_after_org IS NULL OR (e.org_id, e.occurred_at) > (p_after_org, p_after_at))
           AND (p_upto_org IS NULL OR (e.org_id, e.occurred_at) <= (p_upto_org, p_upto_at))
-          AND meter_filter_passes(e.metadata, m.filter)
+          -- the filter: the metadata contains one of its documents (meters.filter_docs)
+          AND (m.filter_docs IS NULL OR e.metadata @> ANY (m.filter_docs))
     ) r
 $function$;
 

@@ -19,8 +19,8 @@ from metering.meters.definition import MeterSpec
 
 INSERT_METER = """
 INSERT INTO meters (key, event_type, aggregation, value, filter, group_by, limit_key,
-                    limit_scope, limit_unit, description, created_by)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
+                    limit_scope, limit_unit, description, created_by, filter_docs)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12::jsonb[])
 RETURNING *
 """
 SELECT_METERS = "SELECT * FROM meters ORDER BY created_at, key"
@@ -144,6 +144,9 @@ class MeterStore:
                     Decimal(spec.limit_unit),
                     spec.description,
                     created_by,
+                    None
+                    if (docs := spec.filter_containments()) is None
+                    else [json.dumps(d) for d in docs],
                 )
             except asyncpg.UniqueViolationError as error:
                 if error.constraint_name == "meters_one_per_limit":

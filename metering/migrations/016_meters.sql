@@ -18,6 +18,9 @@ CREATE TABLE meters (
                           ('sum', 'count', 'max', 'latest', 'unique_count', 'time_weighted')),
     value             text NOT NULL,          -- 'quantity', 'user_id' or 'metadata.<path>'
     filter            jsonb NOT NULL DEFAULT '[]',   -- [{"path": [...], "values": [...]}]
+    -- the filter as documents one of which the metadata must contain (@>): every
+    -- combination of one value per path (metering.meters.definition); NULL: no filter
+    filter_docs       jsonb[],
     group_by          text[] NOT NULL DEFAULT '{}' CHECK (cardinality(group_by) <= 3),
     limit_key         text,
     limit_scope       text CHECK (limit_scope IN ('period', 'lifetime')),

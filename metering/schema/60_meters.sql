@@ -32,29 +32,24 @@ AS $function$
     END
 $function$;
 
--- Whether an event's metadata passes a meter's filter: every path holds one of its values
--- (JSON equality: 1 and 1.0 are equal, "1" and 1 are not).
-CREATE OR REPLACE FUNCTION public.meter_filter_passes(metadata jsonb, filter jsonb)
- RETURNS boolean
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-AS $function$
-    SELECT NOT EXISTS (
-        SELECT 1 FROM jsonb_array_elements(filter) f
-        WHERE NOT coalesce(
-            (metadata #> ARRAY(SELECT jsonb_array_elements_text(f -> 'path')))
-                IN (SELECT jsonb_array_elements(f -> 'values')),
-            false)
-    )
-$function$;
-
--- An event's dimensions for a meter's group_by: {"path": text or null, ...}.
+-- An event's dimensions for a meter's group_by: {"path": text or null, ...}. A plain
+-- expression (no subquery), so the planner inlines it into the statements that read
+-- events: a function call per event cost ~5 us, about seven times the expression.
 CREATE OR REPLACE FUNCTION public.meter_dimensions(metadata jsonb, group_by text[])
  RETURNS jsonb
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
 AS $function$
-    SELECT coalesce(jsonb_object_agg(g.path, metadata #>> string_to_array(g.path, '.')),
-                    '{}'::jsonb)
-    FROM unnest(group_by) AS g (path)
+    SELECT CASE cardinality(group_by)
+        WHEN 0 THEN '{}'::jsonb
+        WHEN 1 THEN jsonb_build_object(
+            group_by[1], metadata #>> string_to_array(group_by[1], '.'))
+        WHEN 2 THEN jsonb_build_object(
+            group_by[1], metadata #>> string_to_array(group_by[1], '.'),
+            group_by[2], metadata #>> string_to_array(group_by[2], '.'))
+        ELSE jsonb_build_object(
+            group_by[1], metadata #>> string_to_array(group_by[1], '.'),
+            group_by[2], metadata #>> string_to_array(group_by[2], '.'),
+            group_by[3], metadata #>> string_to_array(group_by[3], '.'))
+    END
 $function$;

@@ -41,6 +41,8 @@ ORDER BY created_at, key LIMIT 1
 """
 LOCK_AGGREGATION = "SELECT 1 FROM aggregator_state WHERE name = 'usage' FOR UPDATE"
 FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
+SORT_OFF = "SET LOCAL enable_sort = off"
+SORT_ON = "SET LOCAL enable_sort = on"
 LOCK_METER = """
 SELECT key, event_type, status, counted_from_xid, backfill_total, backfill_after_org,
        backfill_after_at
@@ -51,10 +53,14 @@ SET_TOTAL = "UPDATE meters SET backfill_total = $2 WHERE key = $1"
 # The key of the $3-th event of type $4 below $5 after the position ($1, $2) (NULL: from
 # the start), read along the (org_id, occurred_at) index
 CHUNK_END = """
-SELECT org_id, occurred_at FROM usage_events
-WHERE ($1::uuid IS NULL OR (org_id, occurred_at) > ($1::uuid, $2::timestamptz))
-  AND event_type = $4 AND ingest_xid < $5
-ORDER BY org_id, occurred_at OFFSET $3 - 1 LIMIT 1
+SELECT c.org_id, c.occurred_at,
+       (SELECT count(*) FROM usage_events t
+        WHERE t.org_id = c.org_id AND t.occurred_at = c.occurred_at
+          AND t.event_type = $4 AND t.ingest_xid < $5) AS tied
+FROM (SELECT org_id, occurred_at FROM usage_events
+      WHERE ($1::uuid IS NULL OR (org_id, occurred_at) > ($1::uuid, $2::timestamptz))
+        AND event_type = $4 AND ingest_xid < $5
+      ORDER BY org_id, occurred_at OFFSET $3 - 1 LIMIT 1) c
 """
 COUNT_CHUNK = """
 SELECT count_meter_events(ARRAY[$1]::text[], 0, $2, NULL, NULL, NULL, '{day,month}',
@@ -125,15 +131,23 @@ class Backfiller:
                     await conn.execute(SET_TOTAL, key, total)
                     log.info("meter %s: backfilling %d stored events of its type", key, total)
                 after = (meter["backfill_after_org"], meter["backfill_after_at"])
+                # along the index: the row comparison's estimate (one row) would otherwise
+                # make the planner sort every event after the position for each chunk
+                await conn.execute(SORT_OFF)
                 end = await conn.fetchrow(
                     CHUNK_END, *after, self._chunk, meter["event_type"], below
                 )
+                await conn.execute(SORT_ON)
                 upto = (end["org_id"], end["occurred_at"]) if end is not None else (None, None)
                 await conn.fetchval(COUNT_CHUNK, key, below, *after, *upto)
-                read: int = await conn.fetchval(
-                    READ_IN_CHUNK, meter["event_type"], below, *after, *upto
-                )
                 finished = end is None
+                # a chunk that ends at its N-th event read N events, or more on a tie of
+                # its last key; only then (and for the last chunk) count them
+                read: int = self._chunk
+                if end is None or end["tied"] > 1:
+                    read = await conn.fetchval(
+                        READ_IN_CHUNK, meter["event_type"], below, *after, *upto
+                    )
                 if finished:
                     await self._finish(conn, key)
                 else:

@@ -30,8 +30,7 @@ AS $function$
     SELECT r.org_id, r.key, r.aggregation, r.occurred_at, r.dimensions, r.number,
            r.unique_value,
            CASE
-               WHEN EXISTS (SELECT 1 FROM jsonb_each_text(r.dimensions) d
-                            WHERE length(d.value) > 128) THEN 'dimension_too_long'
+               WHEN r.too_long THEN 'dimension_too_long'
                WHEN r.missing IS NOT NULL THEN r.missing
                WHEN r.aggregation = 'unique_count' AND r.unique_value IS NULL
                    THEN 'value_missing'
@@ -40,6 +39,7 @@ AS $function$
     FROM (
         SELECT e.org_id, m.key, m.aggregation, e.occurred_at,
                meter_dimensions(e.metadata, m.group_by) AS dimensions,
+               meter_dimension_too_long(e.metadata, m.group_by) AS too_long,
                CASE m.aggregation
                    WHEN 'count' THEN 1::numeric
                    WHEN 'unique_count' THEN NULL

@@ -33,12 +33,13 @@ AS $function$
 $function$;
 
 -- An event's dimensions for a meter's group_by: {"path": text or null, ...}. A plain
--- expression (no subquery), so the planner inlines it into the statements that read
--- events: a function call per event cost ~5 us, about seven times the expression.
+-- expression (no subquery), and STABLE as jsonb_build_object is, so that the planner
+-- inlines it into the statements that read events: called as a function it cost 9-13 us
+-- per event, inlined about 1 us.
 CREATE OR REPLACE FUNCTION public.meter_dimensions(metadata jsonb, group_by text[])
  RETURNS jsonb
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
+ STABLE PARALLEL SAFE
 AS $function$
     SELECT CASE cardinality(group_by)
         WHEN 0 THEN '{}'::jsonb
@@ -52,4 +53,17 @@ AS $function$
             group_by[2], metadata #>> string_to_array(group_by[2], '.'),
             group_by[3], metadata #>> string_to_array(group_by[3], '.'))
     END
+$function$;
+
+-- Whether a dimension value of an event is over 128 characters (the meter skips it):
+-- a plain expression too, as meter_dimensions.
+CREATE OR REPLACE FUNCTION public.meter_dimension_too_long(metadata jsonb, group_by text[])
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT cardinality(group_by) > 0 AND (
+        coalesce(length(metadata #>> string_to_array(group_by[1], '.')), 0) > 128
+        OR coalesce(length(metadata #>> string_to_array(group_by[2], '.')), 0) > 128
+        OR coalesce(length(metadata #>> string_to_array(group_by[3], '.')), 0) > 128)
 $function$;

@@ -22,17 +22,32 @@ from metering.meters.windows import (
     check_served_range,
     local_instant,
     next_window,
+    window_floor,
     window_range,
     zone_of,
 )
 
-BECOME_READER = "SET LOCAL ROLE metering_reader"
-SCOPE_TO_ORG = "SELECT set_config('metering.org_id', $1, true)"
+# the reader role, scoped to one organization, for this transaction (one round trip)
+AS_READER_OF_ORG = (
+    "SELECT set_config('role', 'metering_reader', true), set_config('metering.org_id', $1, true)"
+)
 # the raw path's statement has `$org IS NULL OR ...` inside the inlined readings function
 FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
-METER = "SELECT key, aggregation, group_by, builtin, status FROM meters WHERE key = $1"
-ORG_ZONE = "SELECT coalesce((SELECT timezone FROM org_subscriptions WHERE org_id = $1), 'UTC')"
+# the meter and the organization's zone
+METER = """
+SELECT key, aggregation, group_by, builtin, status,
+       coalesce((SELECT timezone FROM org_subscriptions WHERE org_id = $2), 'UTC') AS org_zone
+FROM meters WHERE key = $1
+"""
 WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage'"
+# The occurred_at of the organization's event after the first $4 in [$2, $3): where a
+# range computed from raw events has to stop (NULL: the range holds at most $4)
+RAW_EVENTS_CUT = """
+SELECT occurred_at FROM usage_events
+WHERE org_id = $1 AND occurred_at >= $2 AND occurred_at < $3
+ORDER BY occurred_at OFFSET $4 LIMIT 1
+"""
+MAX_RAW_EVENTS = 50_000
 # $1 org, $2 meter, $3 window, $4 zone, $5 kept dimensions, $6/$7 instants, $8 filter,
 # $9 watermark. The dimensions kept are the query's group_by; the others are merged.
 FROM_EVENTS = """
@@ -131,14 +146,14 @@ class UsageAnswer:
 
 
 class MeterUsageStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, max_raw_events: int = MAX_RAW_EVENTS) -> None:
         self._pool = pool
+        self._max_raw_events = max_raw_events
 
     @asynccontextmanager
     async def _as_org(self, org_id: UUID) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
         async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            await conn.execute(BECOME_READER)
-            await conn.execute(SCOPE_TO_ORG, str(org_id))
+            await conn.execute(AS_READER_OF_ORG, str(org_id))
             yield conn
 
     async def usage(
@@ -159,7 +174,7 @@ class MeterUsageStore:
         from metering.meters.windows import parse_bound
 
         async with self._as_org(org_id) as conn:
-            meter = await conn.fetchrow(METER, meter_key)
+            meter = await conn.fetchrow(METER, meter_key, org_id)
             if meter is None:
                 raise MeterNotFound(meter_key)
             dimensions = list(meter["group_by"])
@@ -171,7 +186,7 @@ class MeterUsageStore:
                         f"{meter_key!r} has no dimension {name!r}"
                         + (f" (its dimensions: {', '.join(dimensions)})" if dimensions else ""),
                     )
-            org_zone: str = await conn.fetchval(ORG_ZONE, org_id)
+            org_zone: str = meter["org_zone"]
             zone_name = tz or org_zone
             zone = zone_of(zone_name)
             windows = window_range(
@@ -200,6 +215,7 @@ class MeterUsageStore:
             elif from_rollups:
                 rows = await self._from_rollups(conn, meter, org_id, windows, kept, wanted)
             else:
+                await self._refuse_too_many_events(conn, org_id, windows)
                 await conn.execute(FORCE_CUSTOM_PLAN)
                 watermark = await conn.fetchval(WATERMARK)
                 rows = await conn.fetch(
@@ -214,19 +230,42 @@ class MeterUsageStore:
                     wanted,
                     watermark,
                 )
-        found = sorted(
-            (
-                UsageRow(
-                    r.get("window_start") or local_instant(r["local_start"], windows.zone),
-                    r["dimensions"],
-                    Decimal(r["value"]),
-                    r["event_count"],
+        starts: dict[datetime, datetime] = {}  # local start -> instant, once per window
+        found = []
+        for r in rows:
+            began: datetime | None = r.get("window_start")
+            if began is None:
+                local = r["local_start"]
+                began = starts.get(local) or starts.setdefault(
+                    local, local_instant(local, windows.zone)
                 )
-                for r in rows
-            ),
-            key=lambda row: (row.start, row.dimensions),
-        )
+            found.append(UsageRow(began, r["dimensions"], Decimal(r["value"]), r["event_count"]))
+        found.sort(key=lambda row: (row.start, row.dimensions))
         return UsageAnswer(meter_key, meter["status"], windows, from_rollups, found)
+
+    async def _refuse_too_many_events(self, conn: Any, org_id: UUID, windows: WindowRange) -> None:
+        """The raw path's cost grows with the events it reads (~5 us each): refuse a range
+        holding more than `max_raw_events` of the organization's, naming the largest `to`."""
+        most = self._max_raw_events
+        cut = await conn.fetchval(
+            RAW_EVENTS_CUT, org_id, windows.start_instant, windows.end_instant, most
+        )
+        if cut is None:
+            return
+        # windows are whole: the largest `to` is the start of the window holding the cut
+        largest = local_instant(window_floor(cut, windows.window, windows.zone), windows.zone)
+        allowed = (
+            f"the largest `to` for this `from` is {largest.isoformat()}"
+            if largest > windows.start_instant
+            else f"even its first {windows.window} window holds more"
+        )
+        raise InvalidUsageQuery(
+            "to",
+            f"the range holds more than {most:,} events of this organization, the most "
+            "computed from raw events per request (hour windows, or a zone other than the "
+            f"organization's); {allowed}; day or month windows in the organization's zone "
+            "have no such bound",
+        )
 
     async def _from_rollups(
         self,

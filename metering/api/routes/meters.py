@@ -4,6 +4,7 @@ and usage by window and dimensions (contract section 5)."""
 import csv
 import io
 import json
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
@@ -152,16 +153,25 @@ async def meter_usage(
     rows = [r for r in answer.rows if after is None or (r.start, r.dimensions) > after]
     page, more = rows[:limit], len(rows) > limit
     next_cursor = encode_cursor(page[-1].start, page[-1].dimensions) if more else None
-    items = [
-        {
-            "window_start": r.start.astimezone(answer.windows.zone).isoformat(),
-            "window_end": answer.window_end(r).astimezone(answer.windows.zone).isoformat(),
-            "dimensions": json.loads(r.dimensions),
-            "value": format(r.value.normalize(), "f"),
-            "event_count": r.event_count,
-        }
-        for r in page
-    ]
+    zone = answer.windows.zone
+    bounds: dict[datetime, tuple[str, str]] = {}  # a page holds few distinct windows
+    items = []
+    for r in page:
+        texts = bounds.get(r.start)
+        if texts is None:
+            texts = bounds[r.start] = (
+                r.start.astimezone(zone).isoformat(),
+                answer.window_end(r).astimezone(zone).isoformat(),
+            )
+        items.append(
+            {
+                "window_start": texts[0],
+                "window_end": texts[1],
+                "dimensions": json.loads(r.dimensions),
+                "value": format(r.value.normalize(), "f"),
+                "event_count": r.event_count,
+            }
+        )
     if "text/csv" in request.headers.get("accept", ""):
         out = io.StringIO()
         writer = csv.writer(out)

@@ -23,6 +23,8 @@ from aggregator.store import AggregateStore
 from metering.config import Settings
 from metering.meters.definition import MeterSpec
 from metering.meters.store import MeterStore
+from metering.meters.usage_store import MeterUsageStore
+from metering.meters.windows import InvalidUsageQuery
 from metering.metrics import AggregatorMetrics
 from metering.models import UsageEvent
 from metering.storage.events import EventStore, IncomingEvent
@@ -257,3 +259,48 @@ async def test_filters_pages_csv_and_refusals(  # type: ignore[no-untyped-def]
         assert missing.status_code == 404
         seeded = await client.get(f"/v1/orgs/{org}/meters/api_call/usage")
         assert seeded.status_code == 200 and seeded.json()["rows"] == []
+
+
+async def test_a_raw_range_with_too_many_events_is_refused_naming_the_largest_to(
+    migrated_database: str,
+    history: tuple[uuid.UUID, dict[str, MeterSpec], list[StoredEvent], datetime],
+) -> None:
+    org, meters, events, start = history
+    spec = next(iter(meters.values()))
+    pool = await asyncpg.create_pool(migrated_database, min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        store = MeterUsageStore(pool, max_raw_events=10)
+        first = start.replace(minute=0, second=0) + timedelta(hours=2)  # an hour boundary
+        with pytest.raises(InvalidUsageQuery) as refused:
+            await store.usage(
+                org,
+                spec.key,
+                window="hour",
+                tz=None,
+                start=first.isoformat(),
+                end=(first + timedelta(days=2)).isoformat(),
+                group_by=[],
+                filters={},
+                now=datetime.now(UTC),
+            )
+        # events every 71 minutes: the range must stop at the hour holding the 11th
+        in_range = sorted(e.occurred_at for e in events if e.occurred_at >= first)
+        largest = in_range[10].replace(minute=0, second=0)
+        assert refused.value.field == "to"
+        shown = largest.astimezone(ZoneInfo("Europe/Berlin")).isoformat()  # the org's zone
+        assert f"the largest `to` for this `from` is {shown}" in str(refused.value)
+        allowed = await store.usage(
+            org,
+            spec.key,
+            window="hour",
+            tz=None,
+            start=first.isoformat(),
+            end=largest.isoformat(),
+            group_by=[],
+            filters={},
+            now=datetime.now(UTC),
+        )
+        assert sum(r.event_count for r in allowed.rows) <= 10
+    finally:
+        await pool.close()

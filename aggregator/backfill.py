@@ -39,7 +39,7 @@ SELECT key FROM meters
 WHERE status = 'backfilling' AND counted_from_xid IS NOT NULL
 ORDER BY created_at, key LIMIT 1
 """
-LOCK_AGGREGATION = "SELECT 1 FROM aggregator_state WHERE name = 'usage' FOR UPDATE"
+LOCK_AGGREGATION = "SELECT 1 FROM aggregator_state WHERE name = 'meters' FOR UPDATE"
 FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
 SORT_OFF = "SET LOCAL enable_sort = off"
 SORT_ON = "SET LOCAL enable_sort = on"

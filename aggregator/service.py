@@ -20,23 +20,19 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, start_http_server
 
 from aggregator.backfill import Backfiller
-from aggregator.limits import Crossing, LimitUsage, crossings
+from aggregator.meter_loop import MeterCounter, decide_crossings
+from aggregator.meter_store import MeterPassStore
 from aggregator.publisher import CrossingPublisher
 from aggregator.store import AggregateStore, PassResult
 from metering.config import Settings
 from metering.errors import AggregatorNotActive
 from metering.metrics import AggregatorMetrics, observe_many
-from metering.models import utc_now
 from metering.retry import KAFKA_TRANSIENT_ERRORS, retry_kafka, retry_postgres
 from metering.storage.lease import AggregatorLease
 from metering.storage.pool import create_pool
 
 T = TypeVar("T")
 log = logging.getLogger("metering.aggregator")
-
-
-def decide_crossings(usages: list[LimitUsage]) -> list[Crossing]:
-    return crossings(usages, utc_now())
 
 
 class Aggregator:
@@ -60,14 +56,31 @@ class Aggregator:
         self._metrics = metrics
         self._idle_interval = idle_interval
         self._lease = lease
-        self._backfiller = backfiller or Backfiller(store.pool)
-        self._skips_seen: dict[tuple[str, str], int] = {}
-        self.backfilling = False  # a backfill chunk ran in the last run_once
+        self.meters = MeterCounter(
+            settings,
+            MeterPassStore(store.pool),
+            backfiller or Backfiller(store.pool),
+            metrics,
+            idle_interval,
+        )
+
+    @property
+    def backfilling(self) -> bool:
+        """A backfill chunk ran in the last run_once."""
+        return self.meters.backfilling
 
     async def run_once(self, *, publish: bool = True) -> PassResult:
-        """One pass, then (with `publish`) publish what is pending; retried while a
-        dependency is down. Raises AggregatorNotActive once this aggregator no longer
-        leads."""
+        """One v1 pass and one meter pass (with a backfill chunk), then (with `publish`)
+        publish what is pending; retried while a dependency is down. Raises
+        AggregatorNotActive once this aggregator no longer leads."""
+        result = await self._run_usage_pass()
+        await self.meters.run_once()
+        if publish and self._publisher is not None:
+            await self.publish_pending()
+        return result
+
+    async def _run_usage_pass(self) -> PassResult:
+        """One v1 pass (the seeded meters, their limits and crossings)."""
         if self._lease is not None:
             await self._lease.check()
         started = time.perf_counter()
@@ -91,23 +104,8 @@ class Aggregator:
                 crossing.used,
                 crossing.limit,
             )
-        step = await self._retry_db(self._backfiller.step)
-        self.backfilling = step is not None
-        if step is not None:
-            self._metrics.backfilled.inc(step.events)
-        await self._count_skips()
-        if publish and self._publisher is not None:
-            await self.publish_pending()
         self._metrics.watermark_lag.set(await self._retry_db(self._store.watermark_lag_seconds))
         return result
-
-    async def _count_skips(self) -> None:
-        skips = await self._retry_db(self._store.meter_skips)
-        for (meter, reason), total in skips.items():
-            new = total - self._skips_seen.get((meter, reason), 0)
-            if new > 0:
-                self._metrics.meter_skipped.labels(meter, reason).inc(new)
-        self._skips_seen = skips
 
     async def publish_pending(self) -> int:
         """Publish every unpublished crossing, a batch per Kafka transaction, marking each
@@ -169,18 +167,22 @@ class Aggregator:
             if self._publisher is not None
             else None
         )
+        counting = asyncio.create_task(self.meters.run_forever(passed))
         try:
             while True:
                 if publishing is not None and publishing.done():
                     publishing.result()  # AggregatorNotActive (fenced), or a bug: stop
-                result = await self.run_once(publish=False)
+                if counting.done():
+                    counting.result()  # a bug in the meter loop: stop, say why
+                result = await self._run_usage_pass()
                 passed.set()
-                if result.events == 0 and not self.backfilling:
+                if result.events == 0:
                     await asyncio.sleep(self._idle_interval)
         finally:
-            if publishing is not None:
-                publishing.cancel()
-                await asyncio.gather(publishing, return_exceptions=True)
+            for task in (publishing, counting):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
 
     async def _publish_after_passes(self, passed: asyncio.Event) -> None:
         while True:

@@ -59,6 +59,16 @@ WITH recorded AS (
 )
 SELECT id FROM recorded
 """
+# The crossings alone (the meter pass, aggregator/meter_store.py): record them, once each.
+FINISH_CROSSINGS = """
+INSERT INTO limit_notifications
+    (id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
+     crossed_at)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::date[], $6::int[],
+                     $7::numeric[], $8::bigint[], $9::timestamptz[])
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
 UNPUBLISHED = """
 SELECT id, org_id, feature_key, period, period_start, threshold_percent, used, limit_value,
        crossed_at
@@ -77,7 +87,6 @@ WHERE s.name = 'usage' AND e.ingest_xid >= s.watermark_xid
 REAGGREGATE = "SELECT aggregate_usage($1, $2, $3, $4)"
 FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
 CHECK_ACCESS = "SELECT check_feature_access($1, $2, $3, $4)"
-METER_SKIPS = "SELECT meter_key, reason, events FROM meter_skips"
 
 
 @dataclass(frozen=True)
@@ -99,12 +108,6 @@ class AggregateStore:
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
-
-    async def meter_skips(self) -> dict[tuple[str, str], int]:
-        """Events each meter skipped so far, by reason (cumulative, from meter_skips)."""
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(METER_SKIPS)
-        return {(r["meter_key"], r["reason"]): r["events"] for r in rows}
 
     async def run_pass(self, decide: Any, max_events: int | None = None) -> PassResult:
         """One incremental pass, in one REPEATABLE READ transaction: aggregate the events of
@@ -146,7 +149,7 @@ class AggregateStore:
             new_ids = {
                 row["id"]
                 for row in await conn.fetch(
-                    FINISH_PASS, lower, upper, events, *_crossing_columns(candidates)
+                    FINISH_PASS, lower, upper, events, *crossing_columns(candidates)
                 )
             }
             crossed = [c for c in candidates if c.id in new_ids]
@@ -236,7 +239,7 @@ def notified_set(mask: int, thresholds: tuple[int, ...] = THRESHOLDS) -> frozens
     return frozenset(t for i, t in enumerate(thresholds) if mask >> i & 1)
 
 
-def _crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:
+def crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:
     return (
         [c.id for c in items],
         [c.org_id for c in items],
@@ -309,7 +312,7 @@ ORDER BY org_id, event_type, period, period_start
 RECONCILED_METERS = (
     "SELECT array_agg(key ORDER BY key) FROM meters WHERE NOT builtin AND status = 'active'"
 )
-WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage'"
+WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'meters'"
 RECONCILE_METERS = """
 WITH ev AS (
     SELECT r.org_id, r.meter_key, r.aggregation, r.dimensions, p.period, r.number,

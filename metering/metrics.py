@@ -134,6 +134,22 @@ class AggregatorMetrics:
             ["meter", "reason"],
             registry=registry,
         )
+        self.meter_pass_seconds = Histogram(
+            "metering_meter_pass_seconds",
+            "Duration of one meter pass (the meters that are not builtin; one transaction).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.meter_pairs = Counter(
+            "metering_meter_events_read",
+            "(event, meter) pairs read by the meter passes.",
+            registry=registry,
+        )
+        self.meter_watermark_lag = Gauge(
+            "metering_meter_watermark_lag_seconds",
+            "Age of the oldest stored event the meter passes have not counted (0 when caught up).",
+            registry=registry,
+        )
         self.backfilled = Counter(
             "metering_meter_backfilled_events",
             "Stored events counted by the backfill of new meters.",

@@ -21,7 +21,7 @@ DECLARE
     user_types   text[];
     v1_types     text[];
 BEGIN
-    -- the seeded meters' types (event_types); other meters are counted by count_meter_events
+    -- the seeded meters' types (event_types); other meters are counted by the meter pass
     SELECT coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'gauge_latest'), '{}'),
            coalesce(array_agg(event_type) FILTER (WHERE aggregation = 'distinct_users'), '{}'),
            array_agg(event_type)
@@ -182,13 +182,11 @@ DECLARE
     touched_values  numeric[];
 BEGIN
     SELECT * INTO applied FROM aggregate_new_events(p_from_xid, p_to_xid);
-    events := applied.events + count_new_meter_events(p_from_xid, p_to_xid);
-    SELECT applied.touched_orgs || coalesce(array_agg(t.org_id), '{}'),
-           applied.touched_types || coalesce(array_agg(t.meter_key), '{}'),
-           applied.touched_months || coalesce(array_agg(t.month), '{}'),
-           applied.touched_values || coalesce(array_agg(t.value), '{}')
-    INTO touched_orgs, touched_types, touched_months, touched_values
-    FROM touched_limited_meter_months() AS t;
+    events := applied.events;
+    touched_orgs := applied.touched_orgs;
+    touched_types := applied.touched_types;
+    touched_months := applied.touched_months;
+    touched_values := applied.touched_values;
     measured_at := applied.measured_at;
     received_at := applied.received_at;
     received_events := applied.received_events;
@@ -350,8 +348,9 @@ DECLARE
     last_at   timestamptz;
     p         text;
 BEGIN
-    -- the incremental pass holds this lock while it runs: none runs in between
-    PERFORM 1 FROM aggregator_state WHERE name = 'usage' FOR UPDATE;
+    -- the incremental passes hold these locks while they run: none runs in between
+    PERFORM 1 FROM aggregator_state WHERE name IN ('usage', 'meters') ORDER BY name DESC
+    FOR UPDATE;
     SELECT raw_events_from INTO horizon FROM retention_state WHERE name = 'usage_events';
     SELECT min(occurred_at), max(occurred_at) INTO first_at, last_at
     FROM usage_events

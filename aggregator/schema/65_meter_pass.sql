@@ -184,10 +184,10 @@ BEGIN
 END;
 $function$;
 
--- The incremental pass's share for meters (called by aggregation_pass): meters seen for
--- the first time start counting at this pass's lower bound, which the backfill counts up
--- to; then the pass's events are counted for every meter that is not builtin or archived.
--- Returns how many of the new events are of a type only such meters read.
+-- The meter pass's counting: meters seen for the first time start counting at this
+-- pass's lower bound, which the backfill counts up to; then the pass's events are counted
+-- for every meter that is not builtin or archived. Returns how many (event, meter) pairs
+-- it read.
 CREATE OR REPLACE FUNCTION public.count_new_meter_events(p_from_xid bigint, p_to_xid bigint)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -198,10 +198,39 @@ BEGIN
     END IF;
     UPDATE meters SET counted_from_xid = p_from_xid
     WHERE counted_from_xid IS NULL AND NOT builtin AND status <> 'archived';
-    PERFORM count_meter_events(NULL, p_from_xid, p_to_xid, NULL, NULL);
-    RETURN (SELECT count(*) FROM usage_events e
-            WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
-              AND NOT EXISTS (SELECT 1 FROM event_types t WHERE t.event_type = e.event_type));
+    RETURN count_meter_events(NULL, p_from_xid, p_to_xid, NULL, NULL);
+END;
+$function$;
+
+-- One meter pass in one call (aggregator/meter_store.py runs it in a REPEATABLE READ
+-- transaction of its own, on a watermark of its own, aggregator_state 'meters'): count the
+-- events of the transactions in [from_xid, to_xid) for every meter that is not builtin,
+-- then the usage of the limits those meters count, in the months the pass wrote, that
+-- reaches the lowest threshold, with the thresholds already recorded (a bit mask), as
+-- aggregation_pass does for the seeded meters. Apart from the v1 pass, so that meters
+-- defined by users can never delay the seeded meters' numbers and crossings.
+CREATE OR REPLACE FUNCTION public.meter_pass(p_from_xid bigint, p_to_xid bigint, p_thresholds integer[], OUT pairs bigint, OUT limit_orgs uuid[], OUT limit_features text[], OUT limit_periods text[], OUT limit_starts date[], OUT limit_used numeric[], OUT limit_values bigint[], OUT limit_notified integer[])
+ RETURNS record
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    pairs := count_new_meter_events(p_from_xid, p_to_xid);
+    WITH touched AS (
+        SELECT coalesce(array_agg(t.org_id), '{}') AS orgs,
+               coalesce(array_agg(t.meter_key), '{}') AS keys,
+               coalesce(array_agg(t.month), '{}') AS months,
+               coalesce(array_agg(t.value), '{}') AS month_values
+        FROM touched_limited_meter_months() AS t
+    )
+    SELECT coalesce(array_agg(u.org_id), '{}'), coalesce(array_agg(u.feature_key), '{}'),
+           coalesce(array_agg(u.period), '{}'), coalesce(array_agg(u.period_start), '{}'),
+           coalesce(array_agg(u.used), '{}'), coalesce(array_agg(u.limit_value), '{}'),
+           coalesce(array_agg(u.notified), '{}')
+    INTO limit_orgs, limit_features, limit_periods, limit_starts, limit_used, limit_values,
+         limit_notified
+    FROM touched,
+         touched_limit_usage(touched.orgs, touched.keys, touched.months, touched.month_values,
+                             p_thresholds) AS u;
 END;
 $function$;
 
@@ -220,7 +249,7 @@ DECLARE
     boundary   timestamp;
     watermark  bigint;
 BEGIN
-    SELECT watermark_xid INTO watermark FROM aggregator_state WHERE name = 'usage';
+    SELECT watermark_xid INTO watermark FROM aggregator_state WHERE name = 'meters';
     FOREACH p IN ARRAY ARRAY['day', 'month'] LOOP
         boundary := CASE WHEN p_horizon IS NULL THEN '-infinity'::timestamp
                          ELSE date_trunc(p, p_horizon AT TIME ZONE p_zone)
@@ -253,8 +282,8 @@ $function$;
 
 -- The month rows this transaction wrote of the meters that are not builtin and count
 -- against a limit (they have no dimensions): the pass's limit check takes them with the
--- seeded meters' (aggregation_pass). A row written now has updated_at = now(), the
--- transaction's start; the passes run one at a time.
+-- seeded meters' (meter_pass). A row written now has updated_at = now(), the transaction's
+-- start; meter passes and backfill chunks run one at a time.
 CREATE OR REPLACE FUNCTION public.touched_limited_meter_months()
  RETURNS TABLE(org_id uuid, meter_key text, month date, value numeric)
  LANGUAGE sql

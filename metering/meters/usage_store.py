@@ -39,7 +39,7 @@ SELECT key, aggregation, group_by, builtin, status,
        coalesce((SELECT timezone FROM org_subscriptions WHERE org_id = $2), 'UTC') AS org_zone
 FROM meters WHERE key = $1
 """
-WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'usage'"
+WATERMARK = "SELECT watermark_xid FROM aggregator_state WHERE name = 'meters'"
 # The occurred_at of the organization's event after the first $4 in [$2, $3): where a
 # range computed from raw events has to stop (NULL: the range holds at most $4)
 RAW_EVENTS_CUT = """

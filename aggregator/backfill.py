@@ -12,8 +12,8 @@ counted (count_meter_events, the same commutative merge as the pass) and the pos
 (`backfill_after_org`, `backfill_after_at`) in that same transaction: killed half way, it
 resumes after the last chunk that committed, never counting one twice. Each chunk reads only
 its own index range, so a backfill costs about one pass over the type's events whatever the
-chunk size. Chunks run under the aggregator's lock, between passes, sized to take about
-`TARGET_CHUNK_SECONDS`, so passes (and freshness) wait at most about that long. When no
+chunk size. Chunks run under the meter pass's lock, between meter passes, sized to take about
+`TARGET_CHUNK_SECONDS`, so meter passes wait at most about that long. When no
 event is left the meter becomes `active` and a `meter.backfilled` notification is recorded
 for the webhooks, in that same transaction.
 """

@@ -159,6 +159,24 @@ async def main(rate: int, seconds: float, meters: bool) -> None:
         if stored >= expected and lag == 0:
             break
         await asyncio.sleep(0.5)
+    meters_lag = None
+    if meters:  # how far the meter passes are behind when the v1 pass has caught up
+        caught_up_at = time.monotonic()
+        deadline = caught_up_at + 300
+        while time.monotonic() < deadline:
+            behind = await conn.fetchval(
+                "SELECT count(*) FROM usage_events e, aggregator_state s "
+                "WHERE s.name = 'meters' AND e.ingest_xid >= s.watermark_xid"
+            )
+            if behind == 0:
+                break
+            await asyncio.sleep(1)
+        meters_lag = time.monotonic() - caught_up_at
+        print(
+            f"meters: caught up {meters_lag:.0f} s after the v1 pass"
+            if behind == 0
+            else f"meters: {behind:,} events still not counted {meters_lag:.0f} s after the v1 pass"
+        )
     count, p50, p99, worst = await conn.fetchrow(PERCENTILES)
     print(
         f"freshness (produced -> aggregated, visible to the access check) over {count:,} events: "
@@ -204,6 +222,7 @@ async def main(rate: int, seconds: float, meters: bool) -> None:
             "notification_p99_ms": round(percentile(received, 0.99) * 1000) if received else None,
             "probes": len(probes),
             "probes_received": len(received),
+            "meters_caught_up_after_s": round(meters_lag) if meters_lag is not None else None,
         },
     )
     await conn.close()

@@ -83,8 +83,9 @@ class MeterCounter:
         return result
 
     async def run_forever(self, passed: asyncio.Event) -> None:
-        """Meter passes at most every PASS_INTERVAL_SECONDS, and busy at most half the
-        time: a pass that took t seconds is followed by a pause of at least t. Sets
+        """Meter passes at most every PASS_INTERVAL_SECONDS, and busy at most the fraction
+        `meter_pass_busy_fraction` of the time (METERING_METER_PASS_BUSY_FRACTION, default
+        a quarter): a pass that took t seconds is followed by a pause of t * (1/f - 1). Sets
         `passed` after a pass that recorded crossings (the publisher then looks for them).
         Runs until cancelled.
 
@@ -100,7 +101,8 @@ class MeterCounter:
             if result.new_crossings:
                 passed.set()
             took = time.perf_counter() - started
-            await asyncio.sleep(max(PASS_INTERVAL_SECONDS - took, took, self._idle_interval))
+            rest = took * (1 / self._settings.meter_pass_busy_fraction - 1)
+            await asyncio.sleep(max(PASS_INTERVAL_SECONDS - took, rest, self._idle_interval))
 
     async def _retry_db(self, operation: Callable[[], Awaitable[T]]) -> T:
         return await retry_postgres(

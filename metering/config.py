@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     # that each commit and move the watermark. 1M events: ~1 s of pass for live events,
     # ~10 s for events spread over 60 days (bench.aggregate).
     aggregator_max_pass_events: int = Field(default=1_000_000, ge=1)
+    # The meter passes (meters that are not builtin) run at most every second and are busy
+    # at most this fraction of the time, so that meters costing more than the machine can
+    # give fall behind (metering_meter_watermark_lag_seconds) instead of slowing the v1
+    # passes, the access check and the consumer down. Raise it on a machine with cores to
+    # spare.
+    meter_pass_busy_fraction: float = Field(default=0.25, gt=0, le=1)
     # Back-off while Postgres or Kafka is unavailable: doubles from min to max.
     retry_min_seconds: float = 0.2
     retry_max_seconds: float = 5.0

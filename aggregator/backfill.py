@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from aggregator.meter_store import MARK_METER_WORK
+
 log = logging.getLogger("metering.aggregator")
 TARGET_CHUNK_SECONDS = 0.25
 FIRST_CHUNK_EVENTS = 20_000
@@ -121,6 +123,7 @@ class Backfiller:
                 # `$1 IS NULL OR (org_id, occurred_at) > ...` must be planned for its values
                 # (a generic plan would sort the whole table for each chunk)
                 await conn.execute(FORCE_CUSTOM_PLAN)
+                await conn.execute(MARK_METER_WORK)  # see aggregator/meter_store.py
                 await conn.execute(LOCK_AGGREGATION)
                 meter = await conn.fetchrow(LOCK_METER, key)
                 if meter is None or meter["status"] != "backfilling":

@@ -34,6 +34,9 @@ SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,
 FROM state s
 """
 METER_PASS = "SELECT * FROM meter_pass($1, $2, $3)"
+# Marks this transaction as meter work, which the v1 pass's bound leaves out (its
+# SNAPSHOT_AND_LOCK in aggregator/store.py): meter work never writes usage_events.
+MARK_METER_WORK = "SET LOCAL application_name = 'metering-meter-work'"
 MOVE_WATERMARK = """
 UPDATE aggregator_state SET watermark_xid = $1, updated_at = now() WHERE name = 'meters'
 """
@@ -62,6 +65,7 @@ class MeterPassStore:
         """One meter pass (see the module docstring); `decide(usages)` returns the crossings
         of the touched limits that reach a threshold and are not fully notified."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            await conn.execute(MARK_METER_WORK)  # before the snapshot and the first xid
             bounds = await conn.fetchrow(SNAPSHOT_AND_LOCK, max_events)
             assert bounds is not None  # migration 016 inserts the 'meters' row
             lower: int = bounds["lower"]

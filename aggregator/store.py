@@ -20,9 +20,24 @@ from aggregator.limits import THRESHOLDS, Crossing, LimitUsage
 # limit when $1 is NULL), at least one, so that catching up after an outage is a series
 # of bounded passes that each commit, not one pass over everything. Any bound at or below
 # xmin keeps the promise above.
+#
+# One exception, so that a meter pass or backfill chunk (they run for seconds under a heavy
+# meter set, and never write usage_events) does not hold the v1 passes back: the bound is
+# the oldest transaction still running *other than those*, which mark themselves with the
+# application_name METER_WORK (aggregator/meter_store.py, aggregator/backfill.py). Every
+# transaction below it has finished or writes no event. A marked transaction that ended
+# meanwhile is simply not found, and counts as running (a lower bound: safe).
 SNAPSHOT_AND_LOCK = """
-WITH state AS MATERIALIZED (
-    SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, watermark_xid
+WITH snap AS MATERIALIZED (
+    SELECT pg_current_snapshot() AS s
+), meter_work AS MATERIALIZED (
+    SELECT backend_xid::text::bigint AS xid FROM pg_stat_activity
+    WHERE application_name = 'metering-meter-work' AND backend_xid IS NOT NULL
+), state AS MATERIALIZED (
+    SELECT coalesce((SELECT min(x::text::bigint) FROM snap, pg_snapshot_xip(snap.s) AS x
+                     WHERE x::text::bigint % 4294967296 NOT IN (SELECT xid FROM meter_work)),
+                    (SELECT pg_snapshot_xmax(s)::text::bigint FROM snap)) AS xmin,
+           watermark_xid
     FROM aggregator_state WHERE name = 'usage' FOR UPDATE
 )
 SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,

@@ -18,13 +18,14 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from aggregator.meter_store import MARK_METER_WORK
 from aggregator.semantics import (
     StoredEvent,
     expected_meter_usage,
     expected_time_weighted,
     windows_between,
 )
-from aggregator.service import Aggregator
+from aggregator.service import Aggregator, decide_crossings
 from aggregator.store import AggregateStore
 from metering.meters.definition import MeterSpec
 from metering.meters.store import MeterConflict, MeterStore
@@ -521,3 +522,40 @@ async def test_time_weighted_equals_the_reference(
     assert expected
     assert got == expected
     assert await AggregateStore(pool).reconcile(date(2026, 10, 1), date(2026, 12, 31), org) == []
+
+
+async def test_meter_work_in_progress_does_not_hold_the_v1_pass_back(
+    pool: asyncpg.Pool, db: asyncpg.Connection, event_store: EventStore, migrated_database: str
+) -> None:
+    """A transaction marked as meter work (a meter pass, a backfill chunk) may run for
+    seconds; the v1 pass counts the events committed meanwhile. Any other transaction still
+    running holds it back, as before (its events could still appear below the bound)."""
+    store = AggregateStore(pool)
+    org = uuid.uuid4()
+    events = Stored(event_store, "api_call")
+    await store.run_pass(decide_crossings)
+
+    async def counted() -> int:
+        value = await db.fetchval(
+            "SELECT event_count FROM usage_aggregations WHERE org_id = $1 AND period = 'month'",
+            org,
+        )
+        return int(value or 0)
+
+    other = await asyncpg.connect(migrated_database)
+    try:
+        async with other.transaction():  # meter work holding an xid: not in the way
+            await other.execute(MARK_METER_WORK)
+            await other.execute("SELECT pg_current_xact_id()")
+            await events.add({"org": org, "at": NOW})
+            await store.run_pass(decide_crossings)
+            assert await counted() == 1
+        async with other.transaction():  # any other transaction holding an xid: waited for
+            await other.execute("SELECT pg_current_xact_id()")
+            await events.add({"org": org, "at": NOW})
+            await store.run_pass(decide_crossings)
+            assert await counted() == 1
+    finally:
+        await other.close()
+    await store.run_pass(decide_crossings)
+    assert await counted() == 2

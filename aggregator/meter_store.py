@@ -20,17 +20,21 @@ import asyncpg
 from aggregator.limits import THRESHOLDS, Crossing, LimitUsage
 from aggregator.store import FINISH_CROSSINGS, crossing_columns, notified_set
 
-# Bounded like the v1 pass: at most about $1 events a pass (whole transactions), so that
-# catching up after an outage is a series of passes that each commit.
+# Bounded like the v1 pass: about $1 events a pass, in whole transactions and at least the
+# first one (however large), so that catching up after an outage is a series of passes
+# that each commit. Any bound at or below the snapshot's xmin is exact.
 SNAPSHOT_AND_LOCK = """
 WITH state AS MATERIALIZED (
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, watermark_xid
     FROM aggregator_state WHERE name = 'meters' FOR UPDATE
 )
 SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,
-       least(s.xmin, coalesce((SELECT e.ingest_xid FROM usage_events e
-                               WHERE e.ingest_xid >= s.watermark_xid
-                               ORDER BY e.ingest_xid OFFSET $1 LIMIT 1), s.xmin)) AS upper
+       least(s.xmin, greatest(
+           coalesce((SELECT e.ingest_xid FROM usage_events e
+                     WHERE e.ingest_xid >= s.watermark_xid
+                     ORDER BY e.ingest_xid OFFSET $1 LIMIT 1), s.xmin),
+           (SELECT min(e.ingest_xid) + 1 FROM usage_events e
+            WHERE e.ingest_xid >= s.watermark_xid))) AS upper
 FROM state s
 """
 METER_PASS = "SELECT * FROM meter_pass($1, $2, $3)"

@@ -17,7 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
+from aggregator.backfill import Backfiller
 from aggregator.meter_store import MARK_METER_WORK
 from aggregator.semantics import (
     StoredEvent,
@@ -27,9 +29,11 @@ from aggregator.semantics import (
 )
 from aggregator.service import Aggregator, decide_crossings
 from aggregator.store import AggregateStore
+from metering.config import Settings
 from metering.meters.definition import MeterSpec
 from metering.meters.store import MeterConflict, MeterStore
 from metering.meters.usage_store import MeterUsageStore
+from metering.metrics import AggregatorMetrics
 from metering.models import UsageEvent
 from metering.storage.events import EventStore, IncomingEvent
 from tests.aggregator.conftest import subscribe
@@ -559,3 +563,59 @@ async def test_meter_work_in_progress_does_not_hold_the_v1_pass_back(
         await other.close()
     await store.run_pass(decide_crossings)
     assert await counted() == 2
+
+
+async def test_a_meter_created_over_200k_stored_events_counts_each_once(
+    pool: asyncpg.Pool, db: asyncpg.Connection, event_store: EventStore, settings: Settings
+) -> None:
+    """Issue 37's backfill test at its size: 200,000 stored events of the type (written in
+    SQL, as the consumer would), events arriving between the backfill's chunks, reconcile
+    after. Chunks of 20,000 events, the backfiller's default first size."""
+    kind = a_type()
+    meters = MeterStore(pool)
+    await meters.create(spec(key=f"o2_{kind[2:]}", event_type=kind, aggregation="count"))
+    aggregator = Aggregator(
+        settings,
+        AggregateStore(pool),
+        None,
+        AggregatorMetrics(CollectorRegistry()),
+        backfiller=Backfiller(pool, chunk_events=20_000),
+    )
+    await settle(aggregator)
+    orgs = [uuid.uuid4() for _ in range(50)]
+    await db.execute(
+        "INSERT INTO usage_events (org_id, event_id, event_type, quantity, occurred_at, metadata) "
+        "SELECT ($1::uuid[])[1 + g % 50], 'b' || g, $2, g % 7, "
+        "       now() - interval '20 days' * (g::float8 / 200000), "
+        "       jsonb_build_object('sku', 'k' || (g % 30)) "
+        "FROM generate_series(1, 200000) AS g",
+        orgs,
+        kind,
+    )
+    await settle(aggregator)  # the opener counts them: the new meter's past
+    late = spec(key=f"b2_{kind[2:]}", event_type=kind, aggregation="sum", group_by=["sku"])
+    await meters.create(late)
+    events = Stored(event_store, kind)
+    arrivals = 0
+    while (await meters.get(late.key)).status == "backfilling":
+        arrivals += 1
+        await events.add(
+            {"org": orgs[arrivals % 50], "at": NOW, "quantity": 3, "metadata": {"sku": "k1"}}
+        )
+        await aggregator.run_once(publish=False)
+    await settle(aggregator)
+    assert arrivals > 5
+    sums = await db.fetch(
+        "SELECT sum(value) AS value, sum(event_count) AS events FROM meter_aggregations "
+        "WHERE meter_key = $1 AND period = 'month'",
+        late.key,
+    )
+    expected = await db.fetchrow(
+        "SELECT sum(quantity) AS value, count(*) AS events FROM usage_events WHERE event_type = $1",
+        kind,
+    )
+    assert (sums[0]["value"], sums[0]["events"]) == (expected["value"], expected["events"])
+    assert expected["events"] == 200_000 + arrivals
+    window = ((NOW - timedelta(days=22)).date(), (NOW + timedelta(days=2)).date())
+    for org in orgs[:5]:
+        assert await AggregateStore(pool).reconcile(*window, org) == []

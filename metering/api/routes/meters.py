@@ -99,7 +99,27 @@ async def archive_meter(
 CSV_COLUMNS = ("window_start", "window_end", "dimensions", "value", "event_count")
 
 
-@router.get("/v1/orgs/{org_id}/meters/{meter_key}/usage", responses=ERRORS, tags=["meters"])
+@router.get(
+    "/v1/orgs/{org_id}/meters/{meter_key}/usage",
+    responses=ERRORS,
+    tags=["meters"],
+    openapi_extra={
+        "parameters": [
+            {
+                "name": "filter",
+                "in": "query",
+                "style": "deepObject",
+                "explode": True,
+                "required": False,
+                "description": "filter[<dimension>]=value keeps the rows of that value",
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string", "maxLength": 128},
+                },
+            }
+        ]
+    },
+)
 async def meter_usage(
     org_id: OrgId,
     meter_key: MeterKey,

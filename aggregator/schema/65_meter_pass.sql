@@ -63,8 +63,19 @@ AS $function$
           AND (p_org IS NULL OR e.org_id = p_org)
           AND (p_from_at IS NULL OR e.occurred_at >= p_from_at)
           AND (p_to_at IS NULL OR e.occurred_at < p_to_at)
-          AND (p_after_org IS NULL OR (e.org_id, e.occurred_at) > (p_after_org, p_after_at))
-          AND (p_upto_org IS NULL OR (e.org_id, e.occurred_at) <= (p_upto_org, p_upto_at))
+          -- a chunk inside one organization: org_id = and a range of occurred_at, which a
+          -- btree scan stops on (with row comparisons it read to the end of the
+          -- organization's entries: 0.7 s for a chunk of 1,000 events of a 10M-event org)
+          AND (p_after_org IS NULL OR p_upto_org IS NULL OR p_after_org <> p_upto_org
+               OR (e.org_id = p_upto_org AND e.occurred_at > p_after_at
+                   AND e.occurred_at <= p_upto_at))
+          -- a chunk across organizations: row comparisons, bounded by org_id
+          AND (p_after_org IS NULL OR p_after_org = p_upto_org
+               OR ((e.org_id, e.occurred_at) > (p_after_org, p_after_at)
+                   AND e.org_id >= p_after_org))
+          AND (p_upto_org IS NULL OR p_after_org = p_upto_org
+               OR ((e.org_id, e.occurred_at) <= (p_upto_org, p_upto_at)
+                   AND e.org_id <= p_upto_org))
           -- the filter: the metadata contains one of its documents (meters.filter_docs)
           AND (m.filter_docs IS NULL OR e.metadata @> ANY (m.filter_docs))
     ) r

@@ -12,13 +12,12 @@ numbers, the access check or their crossings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
-from aggregator.limits import THRESHOLDS, Crossing, LimitUsage
-from aggregator.store import FINISH_CROSSINGS, crossing_columns, notified_set
+from aggregator.limits import THRESHOLDS, Crossing
+from aggregator.store import FINISH_CROSSINGS, crossing_columns, limit_usages
 
 # Bounded like the v1 pass: about $1 events a pass, in whole transactions and at least the
 # first one (however large), so that catching up after an outage is a series of passes
@@ -78,19 +77,7 @@ class MeterPassStore:
                 return MeterPassResult(lower, lower, 0, [])
             applied = await conn.fetchrow(METER_PASS, lower, upper, list(THRESHOLDS))
             assert applied is not None
-            usages = [
-                LimitUsage(org, feature, period, start, Decimal(used), limit, notified_set(mask))
-                for org, feature, period, start, used, limit, mask in zip(
-                    applied["limit_orgs"],
-                    applied["limit_features"],
-                    applied["limit_periods"],
-                    applied["limit_starts"],
-                    applied["limit_used"],
-                    applied["limit_values"],
-                    applied["limit_notified"],
-                    strict=True,
-                )
-            ]
+            usages = limit_usages(applied)
             candidates: list[Crossing] = decide(usages)
             new_ids = {
                 row["id"]

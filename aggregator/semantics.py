@@ -31,6 +31,7 @@ from enum import StrEnum
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
+from metering.calendar import add_months
 from metering.meters.definition import MeterSpec, read_event
 
 
@@ -226,11 +227,7 @@ def windows_between(
     tz = ZoneInfo(zone)
     local = start.astimezone(tz).replace(tzinfo=None)
     while (at := local.replace(tzinfo=tz)) < end:
-        if window == "day":
-            following = local + timedelta(days=1)
-        else:
-            year, month = divmod(local.month, 12)
-            following = local.replace(year=local.year + year, month=month + 1)
+        following = local + timedelta(days=1) if window == "day" else add_months(local, 1)
         found.append((at, following.replace(tzinfo=tz)))
         local = following
     return found

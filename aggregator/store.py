@@ -147,19 +147,7 @@ class AggregateStore:
             measured_at: datetime = applied["measured_at"]
             stored = zip(applied["received_at"], applied["received_events"], strict=True)
             ages = [((measured_at - at).total_seconds(), count) for at, count in stored]
-            usages = [
-                LimitUsage(org, feature, period, start, Decimal(used), limit, notified_set(mask))
-                for org, feature, period, start, used, limit, mask in zip(
-                    applied["limit_orgs"],
-                    applied["limit_features"],
-                    applied["limit_periods"],
-                    applied["limit_starts"],
-                    applied["limit_used"],
-                    applied["limit_values"],
-                    applied["limit_notified"],
-                    strict=True,
-                )
-            ]
+            usages = limit_usages(applied)
             candidates: list[Crossing] = decide(usages)
             new_ids = {
                 row["id"]
@@ -246,6 +234,24 @@ class AggregateStore:
                         for r in await conn.fetch(check, start, end, org_id, meters, watermark)
                     ]
             return found
+
+
+def limit_usages(applied: asyncpg.Record) -> list[LimitUsage]:
+    """The touched limits an aggregation_pass or meter_pass row hands over: those that
+    reach the lowest threshold, with the thresholds already recorded."""
+    return [
+        LimitUsage(org, feature, period, start, Decimal(used), limit, notified_set(mask))
+        for org, feature, period, start, used, limit, mask in zip(
+            applied["limit_orgs"],
+            applied["limit_features"],
+            applied["limit_periods"],
+            applied["limit_starts"],
+            applied["limit_used"],
+            applied["limit_values"],
+            applied["limit_notified"],
+            strict=True,
+        )
+    ]
 
 
 def notified_set(mask: int, thresholds: tuple[int, ...] = THRESHOLDS) -> frozenset[int]:

@@ -5,8 +5,6 @@ organization (row-level security), both paths of `metering.meters.windows`."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -26,6 +24,7 @@ from metering.meters.windows import (
     window_range,
     zone_of,
 )
+from metering.storage.reads import as_reader_of_org
 
 # the reader role, scoped to one organization, for this transaction (one round trip)
 AS_READER_OF_ORG = (
@@ -150,12 +149,6 @@ class MeterUsageStore:
         self._pool = pool
         self._max_raw_events = max_raw_events
 
-    @asynccontextmanager
-    async def _as_org(self, org_id: UUID) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            await conn.execute(AS_READER_OF_ORG, str(org_id))
-            yield conn
-
     async def usage(
         self,
         org_id: UUID,
@@ -173,7 +166,7 @@ class MeterUsageStore:
         Raises MeterNotFound, or InvalidUsageQuery naming the parameter at fault."""
         from metering.meters.windows import parse_bound
 
-        async with self._as_org(org_id) as conn:
+        async with as_reader_of_org(self._pool, org_id) as conn:
             meter = await conn.fetchrow(METER, meter_key, org_id)
             if meter is None:
                 raise MeterNotFound(meter_key)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from metering.calendar import add_months
 from metering.errors import MeteringError
 
 WINDOWS = ("hour", "day", "month")
@@ -85,8 +86,7 @@ def next_window(local_start: datetime, window: str) -> datetime:
         return local_start + timedelta(hours=1)
     if window == "day":
         return local_start + timedelta(days=1)
-    year, month = divmod(local_start.month, 12)
-    return local_start.replace(year=local_start.year + year, month=month + 1)
+    return add_months(local_start, 1)
 
 
 def first_window_at_or_after(moment: datetime, window: str, zone: ZoneInfo) -> datetime:

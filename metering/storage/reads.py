@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -16,8 +16,9 @@ import asyncpg
 # Every read runs in a transaction whose role is the read-only role and whose
 # metering.org_id setting is the organization the request is about: row-level security
 # then hides every other organization's rows, whatever the query.
-BECOME_READER = "SET LOCAL ROLE metering_reader"
-SCOPE_TO_ORG = "SELECT set_config('metering.org_id', $1, true)"
+AS_READER_OF_ORG = (
+    "SELECT set_config('role', 'metering_reader', true), set_config('metering.org_id', $1, true)"
+)
 ENTITLEMENTS = """
 SELECT pf.feature_key, check_feature_access(NULL, pf.feature_key, $1, 0) AS access
 FROM plan_features pf
@@ -50,16 +51,25 @@ ORDER BY period_start, event_type
 READER_CHECK = "SELECT reader_check_feature_access($1, $2, $3)"
 
 
+@asynccontextmanager
+async def as_reader_of_org(
+    pool: asyncpg.Pool, org_id: UUID
+) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+    """A read-only transaction as `metering_reader` scoped to `org_id` (one round trip):
+    row-level security hides every other organization's rows, whatever the query."""
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        await conn.execute(AS_READER_OF_ORG, str(org_id))
+        yield conn
+
+
 class ReadStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @asynccontextmanager
-    async def _as_org(self, org_id: UUID) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
-            await conn.execute(BECOME_READER)
-            await conn.execute(SCOPE_TO_ORG, str(org_id))
-            yield conn
+    def _as_org(
+        self, org_id: UUID
+    ) -> AbstractAsyncContextManager[asyncpg.pool.PoolConnectionProxy]:
+        return as_reader_of_org(self._pool, org_id)
 
     async def check_json(self, org_id: UUID, feature_key: str, requested: Decimal) -> str | None:
         """The access check as the reader role scoped to `org_id` (one round trip), as the

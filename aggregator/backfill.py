@@ -41,7 +41,10 @@ SELECT key FROM meters
 WHERE status = 'backfilling' AND counted_from_xid IS NOT NULL
 ORDER BY created_at, key LIMIT 1
 """
-LOCK_AGGREGATION = "SELECT 1 FROM aggregator_state WHERE name = 'meters' FOR UPDATE"
+# The meter passes' lock, and their watermark: the cancellations below it were recounted by
+# a pass (for the part of the backfill done then), so a chunk leaves those events out; one
+# at or above it will be recounted by a later pass, with this chunk counted by then.
+LOCK_AGGREGATION = "SELECT watermark_xid FROM aggregator_state WHERE name = 'meters' FOR UPDATE"
 FORCE_CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
 SORT_OFF = "SET LOCAL enable_sort = off"
 SORT_ON = "SET LOCAL enable_sort = on"
@@ -66,7 +69,7 @@ FROM (SELECT org_id, occurred_at FROM usage_events
 """
 COUNT_CHUNK = """
 SELECT count_meter_events(ARRAY[$1]::text[], 0, $2, NULL, NULL, NULL, '{day,month}',
-                          $3, $4, $5, $6)
+                          $3, $4, $5, $6, $7)
 """
 READ_IN_CHUNK = """
 SELECT count(*) FROM usage_events
@@ -124,7 +127,7 @@ class Backfiller:
                 # (a generic plan would sort the whole table for each chunk)
                 await conn.execute(FORCE_CUSTOM_PLAN)
                 await conn.execute(MARK_METER_WORK)  # see aggregator/meter_store.py
-                await conn.execute(LOCK_AGGREGATION)
+                watermark: int = await conn.fetchval(LOCK_AGGREGATION)
                 meter = await conn.fetchrow(LOCK_METER, key)
                 if meter is None or meter["status"] != "backfilling":
                     return None
@@ -142,7 +145,7 @@ class Backfiller:
                 )
                 await conn.execute(SORT_ON)
                 upto = (end["org_id"], end["occurred_at"]) if end is not None else (None, None)
-                await conn.fetchval(COUNT_CHUNK, key, below, *after, *upto)
+                await conn.fetchval(COUNT_CHUNK, key, below, *after, *upto, watermark)
                 finished = end is None
                 # a chunk that ends at its N-th event read N events, or more on a tie of
                 # its last key; only then (and for the last chunk) count them

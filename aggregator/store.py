@@ -276,7 +276,8 @@ def crossing_columns(items: list[Crossing]) -> tuple[list[Any], ...]:
 
 # Recomputes aggregates straight from usage_events with its own query (not the
 # aggregator's functions) and returns every (org, type, period, start) that differs.
-# Only events below the watermark count: those are exactly what the aggregates cover.
+# Only events below the watermark and not cancelled below it count: those are exactly
+# what the aggregates cover.
 # The events read are those that can fall in a period starting in [$1, $2) in any zone
 # (offsets are within -12h..+14h of UTC): from a day before $1 to a day after the end of
 # the last month starting before $2, both in UTC whatever the session's TimeZone. So a
@@ -300,6 +301,7 @@ WITH wm AS (
     CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
     CROSS JOIN wm
     WHERE e.ingest_xid < wm.watermark_xid
+      AND (e.cancel_xid IS NULL OR e.cancel_xid >= wm.watermark_xid)
       AND e.occurred_at >= ($1::date - 1)::timestamp AT TIME ZONE 'UTC'
       AND e.occurred_at < (date_trunc('month', ($2::date - 1)::timestamp)
                            + interval '1 month 1 day') AT TIME ZONE 'UTC'

@@ -71,3 +71,27 @@ class AggregatorNotActive(MeteringError):
         super().__init__(reason if holder is None else f"{reason}: {holder}")
         self.reason = reason
         self.holder = holder
+
+
+class EventNotFound(MeteringError):
+    """No event `event_id` of `org_id` is stored (it never was, or retention dropped it).
+    Check the id and the organization: ids are case-sensitive."""
+
+    def __init__(self, org_id: object, event_id: str) -> None:
+        super().__init__(f"no event {event_id!r} is stored for organization {org_id}")
+        self.org_id = org_id
+        self.event_id = event_id
+
+
+class OutsideLatenessWindow(MeteringError):
+    """The event occurred before the lateness window: its periods are closed (billed), so it
+    can no longer be cancelled. Correct the invoice instead, by hand."""
+
+    def __init__(self, org_id: object, event_id: str, occurred_before: object) -> None:
+        super().__init__(
+            f"event {event_id!r} of organization {org_id} occurred before {occurred_before}, "
+            "outside the lateness window; it can no longer be cancelled"
+        )
+        self.org_id = org_id
+        self.event_id = event_id
+        self.occurred_before = occurred_before

@@ -49,6 +49,9 @@ BEGIN
             FROM usage_events e
             WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
               AND e.event_type = ANY (v1_types)
+              -- cancelled in this range: never counted (cancelled later: counted, then
+              -- recounted by the pass that reads the cancellation)
+              AND (e.cancel_xid IS NULL OR e.cancel_xid >= p_to_xid)
             GROUP BY 1, 2, 3, 4
         ) q
         LEFT JOIN org_subscriptions s ON s.org_id = q.org_id
@@ -65,6 +68,7 @@ BEGIN
             WHERE e.org_id = l.org_id AND e.event_type = l.event_type
               AND e.occurred_at >= l.quarter AND e.occurred_at < l.quarter + interval '15 minutes'
               AND e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+              AND (e.cancel_xid IS NULL OR e.cancel_xid >= p_to_xid)
               AND (CASE WHEN e.event_type = ANY (user_types) THEN e.user_id END)
                   IS NOT DISTINCT FROM l.user_id
             GROUP BY 1
@@ -169,7 +173,8 @@ BEGIN
 END;
 $function$;
 
--- One pass in one call: aggregate_new_events, then the crossings of the touched limits.
+-- One pass in one call: aggregate_new_events, the recount of the periods of the events
+-- cancelled in the same range, then the crossings of the touched limits.
 CREATE OR REPLACE FUNCTION public.aggregation_pass(p_from_xid bigint, p_to_xid bigint, p_thresholds integer[], OUT events bigint, OUT measured_at timestamp with time zone, OUT received_at timestamp with time zone[], OUT received_events bigint[], OUT limit_orgs uuid[], OUT limit_features text[], OUT limit_periods text[], OUT limit_starts date[], OUT limit_used numeric[], OUT limit_values bigint[], OUT limit_notified integer[])
  RETURNS record
  LANGUAGE plpgsql
@@ -187,6 +192,16 @@ BEGIN
     touched_types := applied.touched_types;
     touched_months := applied.touched_months;
     touched_values := applied.touched_values;
+    IF recount_cancelled_periods(p_from_xid, p_to_xid) > 0 THEN
+        -- the months the new events touched, as they stand after the recount
+        SELECT coalesce(array_agg(coalesce(a.value, 0) ORDER BY t.n), '{}')
+        INTO touched_values
+        FROM unnest(touched_orgs, touched_types, touched_months) WITH ORDINALITY
+                 AS t (org_id, event_type, month, n)
+        LEFT JOIN usage_aggregations a
+               ON a.org_id = t.org_id AND a.event_type = t.event_type
+              AND a.period = 'month' AND a.period_start = t.month;
+    END IF;
     measured_at := applied.measured_at;
     received_at := applied.received_at;
     received_events := applied.received_events;
@@ -198,6 +213,47 @@ BEGIN
          limit_notified
     FROM touched_limit_usage(touched_orgs, touched_types, touched_months, touched_values,
                              p_thresholds) AS u;
+END;
+$function$;
+
+-- The cancellations of the transactions in [from_xid, to_xid) (contract section 10): the
+-- day and the month each cancelled event of a seeded type was in, in its org's zone, are
+-- recomputed by aggregate_usage at the watermark to_xid (moved here; the pass's FINISH_PASS
+-- moves it to the same place), which leaves out every event cancelled below it. Returns
+-- how many cancelled events it read.
+CREATE OR REPLACE FUNCTION public.recount_cancelled_periods(p_from_xid bigint, p_to_xid bigint)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    w          record;
+    cancelled  bigint;
+BEGIN
+    SELECT count(*) INTO cancelled
+    FROM usage_events e
+    WHERE e.cancel_xid >= p_from_xid AND e.cancel_xid < p_to_xid
+      AND e.event_type IN (SELECT event_type FROM event_types);
+    IF cancelled = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE aggregator_state SET watermark_xid = p_to_xid WHERE name = 'usage';
+    FOR w IN
+        SELECT DISTINCT e.org_id, p.period,
+               date_trunc(p.period, e.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))
+                   AT TIME ZONE coalesce(s.timezone, 'UTC') AS start_at,
+               (date_trunc(p.period, e.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))
+                   + ('1 ' || p.period)::interval) AT TIME ZONE coalesce(s.timezone, 'UTC')
+                   AS end_at
+        FROM usage_events e
+        LEFT JOIN org_subscriptions s ON s.org_id = e.org_id
+        CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+        WHERE e.cancel_xid >= p_from_xid AND e.cancel_xid < p_to_xid
+          AND e.event_type IN (SELECT event_type FROM event_types)
+        ORDER BY 1, 2, 3
+    LOOP
+        PERFORM aggregate_usage(w.period, w.start_at, w.end_at, w.org_id);
+    END LOOP;
+    RETURN cancelled;
 END;
 $function$;
 
@@ -277,6 +333,7 @@ BEGIN
         JOIN aggregation_windows w ON w.org_id = e.org_id
         WHERE e.occurred_at >= w.first_at AND e.occurred_at < w.end_at
           AND e.ingest_xid < watermark AND e.event_type = ANY (v1_types)
+          AND (e.cancel_xid IS NULL OR e.cancel_xid >= watermark)
         GROUP BY 1, 2, 3, 4
     )
     SELECT g.org_id, g.event_type, (w.first_start + (g.bucket - 1) * unit)::date AS period_start,

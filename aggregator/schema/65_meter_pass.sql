@@ -17,12 +17,14 @@
 -- the transactions in [p_from_xid, p_to_xid) that occurred in [p_from_at, p_to_at) (any
 -- time when NULL) and whose (org_id, occurred_at) is after (p_after_org, p_after_at) and at
 -- or before (p_upto_org, p_upto_at) (no bound when NULL: the backfill's chunks, read
--- through the (org_id, occurred_at) index), that pass the meter's filter. `skipped` says why a meter cannot count
+-- through the (org_id, occurred_at) index), that pass the meter's filter and were not
+-- cancelled by a transaction below `p_cancelled_before` (default `p_to_xid`: a count at a
+-- watermark leaves out what was cancelled below it). `skipped` says why a meter cannot count
 -- an event (NULL: it counts `number`, or `unique_value` for unique_count). The one SQL
 -- statement of the reading rules (metering.meters.definition.read_event in Python): the
 -- pass, the backfill and the usage queries computed from raw events all read through it.
 -- A single SELECT in LANGUAGE sql, so the planner inlines it into the calling statement.
-CREATE OR REPLACE FUNCTION public.meter_event_readings(p_keys text[], p_org uuid, p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_after_org uuid DEFAULT NULL::uuid, p_after_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_upto_org uuid DEFAULT NULL::uuid, p_upto_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE OR REPLACE FUNCTION public.meter_event_readings(p_keys text[], p_org uuid, p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_after_org uuid DEFAULT NULL::uuid, p_after_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_upto_org uuid DEFAULT NULL::uuid, p_upto_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_cancelled_before bigint DEFAULT NULL::bigint)
  RETURNS TABLE(org_id uuid, meter_key text, aggregation text, occurred_at timestamp with time zone, dimensions jsonb, number numeric, unique_value text, skipped text)
  LANGUAGE sql
  STABLE
@@ -60,6 +62,7 @@ AS $function$
                           THEN string_to_array(substr(value, 10), '.') END AS value_path
               FROM meters WHERE key = ANY (p_keys)) m ON m.event_type = e.event_type
         WHERE e.ingest_xid >= p_from_xid AND e.ingest_xid < p_to_xid
+          AND (e.cancel_xid IS NULL OR e.cancel_xid >= coalesce(p_cancelled_before, p_to_xid))
           AND (p_org IS NULL OR e.org_id = p_org)
           AND (p_from_at IS NULL OR e.occurred_at >= p_from_at)
           AND (p_to_at IS NULL OR e.occurred_at < p_to_at)
@@ -85,9 +88,10 @@ $function$;
 -- the events written by the transactions in [p_from_xid, p_to_xid) that occurred in
 -- [p_from_at, p_to_at) (any time when NULL), of `p_org` (every organization when NULL),
 -- in the (org_id, occurred_at) range of meter_event_readings, into the periods
--- `p_periods`; returns how many (event, meter) pairs it read. Skipped
+-- `p_periods`, leaving out events cancelled below `p_cancelled_before` (default
+-- `p_to_xid`); returns how many (event, meter) pairs it read. Skipped
 -- events are added to meter_skips (when both periods are counted).
-CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_org uuid DEFAULT NULL::uuid, p_periods text[] DEFAULT '{day,month}'::text[], p_after_org uuid DEFAULT NULL::uuid, p_after_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_upto_org uuid DEFAULT NULL::uuid, p_upto_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
+CREATE OR REPLACE FUNCTION public.count_meter_events(p_keys text[], p_from_xid bigint, p_to_xid bigint, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_org uuid DEFAULT NULL::uuid, p_periods text[] DEFAULT '{day,month}'::text[], p_after_org uuid DEFAULT NULL::uuid, p_after_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_upto_org uuid DEFAULT NULL::uuid, p_upto_at timestamp with time zone DEFAULT NULL::timestamp with time zone, p_cancelled_before bigint DEFAULT NULL::bigint)
  RETURNS bigint
  LANGUAGE plpgsql
  SET plan_cache_mode TO 'force_custom_plan'
@@ -108,7 +112,8 @@ BEGIN
                r.number, r.unique_value, r.skipped,
                (r.occurred_at AT TIME ZONE coalesce(s.timezone, 'UTC'))::date AS day
         FROM meter_event_readings(keys, p_org, p_from_xid, p_to_xid, p_from_at, p_to_at,
-                                  p_after_org, p_after_at, p_upto_org, p_upto_at) r
+                                  p_after_org, p_after_at, p_upto_org, p_upto_at,
+                                  p_cancelled_before) r
         LEFT JOIN org_subscriptions s ON s.org_id = r.org_id
     ), skips AS (
         INSERT INTO meter_skips AS k (meter_key, reason, events)
@@ -216,7 +221,7 @@ $function$;
 -- One meter pass in one call (aggregator/meter_store.py runs it in a REPEATABLE READ
 -- transaction of its own, on a watermark of its own, aggregator_state 'meters'): count the
 -- events of the transactions in [from_xid, to_xid) for every meter that is not builtin,
--- then the usage of the limits those meters count, in the months the pass wrote, that
+-- recount the periods of the events cancelled in that range, then the usage of the limits those meters count, in the months the pass wrote, that
 -- reaches the lowest threshold, with the thresholds already recorded (a bit mask), as
 -- aggregation_pass does for the seeded meters. Apart from the v1 pass, so that meters
 -- defined by users can never delay the seeded meters' numbers and crossings.
@@ -226,6 +231,7 @@ CREATE OR REPLACE FUNCTION public.meter_pass(p_from_xid bigint, p_to_xid bigint,
 AS $function$
 BEGIN
     pairs := count_new_meter_events(p_from_xid, p_to_xid);
+    PERFORM recount_cancelled_meter_periods(p_from_xid, p_to_xid);
     WITH touched AS (
         SELECT coalesce(array_agg(t.org_id), '{}') AS orgs,
                coalesce(array_agg(t.meter_key), '{}') AS keys,
@@ -245,11 +251,53 @@ BEGIN
 END;
 $function$;
 
+-- One meter's rows of `p_org` for the periods `p_period` starting in [p_from_at, p_to_at)
+-- (to the end when p_to_at is NULL) in `p_zone`, and its readings (time_weighted) in that
+-- range, counted again from the events below `p_upto_xid` that the meter counts, leaving
+-- out those cancelled below it: the meter passes' events (from counted_from_xid), and the
+-- backfill's below that (all of them for an active meter, those up to the backfill's
+-- position for a backfilling one). Meters not counting yet or archived are left as they are.
+CREATE OR REPLACE FUNCTION public.recount_meter(p_key text, p_org uuid, p_period text, p_zone text, p_from_at timestamp with time zone, p_to_at timestamp with time zone, p_upto_xid bigint)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    m  record;
+BEGIN
+    SELECT key, status, counted_from_xid, backfill_after_org, backfill_after_at INTO m
+    FROM meters WHERE key = p_key AND NOT builtin;
+    IF m.key IS NULL OR m.status = 'archived' OR m.counted_from_xid IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM meter_aggregations
+    WHERE org_id = p_org AND meter_key = p_key AND period = p_period
+      AND period_start >= (p_from_at AT TIME ZONE p_zone)::date
+      AND (p_to_at IS NULL OR period_start < (p_to_at AT TIME ZONE p_zone)::date);
+    DELETE FROM meter_unique_values
+    WHERE org_id = p_org AND meter_key = p_key AND period = p_period
+      AND period_start >= (p_from_at AT TIME ZONE p_zone)::date
+      AND (p_to_at IS NULL OR period_start < (p_to_at AT TIME ZONE p_zone)::date);
+    DELETE FROM meter_readings
+    WHERE org_id = p_org AND meter_key = p_key AND occurred_at >= p_from_at
+      AND (p_to_at IS NULL OR occurred_at < p_to_at);
+    PERFORM count_meter_events(ARRAY[p_key], m.counted_from_xid, p_upto_xid, p_from_at, p_to_at,
+                               p_org, ARRAY[p_period]);
+    IF m.status = 'active' THEN
+        PERFORM count_meter_events(ARRAY[p_key], 0, m.counted_from_xid, p_from_at, p_to_at,
+                                   p_org, ARRAY[p_period], NULL, NULL, NULL, NULL, p_upto_xid);
+    ELSIF m.backfill_after_org IS NOT NULL THEN
+        -- the part of the backfill done so far
+        PERFORM count_meter_events(ARRAY[p_key], 0, m.counted_from_xid, p_from_at, p_to_at,
+                                   p_org, ARRAY[p_period], NULL, NULL, m.backfill_after_org,
+                                   m.backfill_after_at, p_upto_xid);
+    END IF;
+END;
+$function$;
+
 -- After an organization's time zone changed (reaggregate_org_after_zone_change): its rows
--- of the meters that count (active, or backfilling and started) for the periods after
--- the one holding the retention horizon are counted again in the new zone, from the
--- events below the watermark that the meter had counted (a backfilling meter: those of
--- its passes and of its backfill so far). Archived meters keep their rows as they were.
+-- of the meters that count for the periods after the one holding the retention horizon
+-- are counted again in the new zone (recount_meter, at the meters' watermark). Archived
+-- meters keep their rows as they were.
 CREATE OR REPLACE FUNCTION public.recount_meters_of_org(p_org uuid, p_horizon timestamp with time zone, p_zone text)
  RETURNS void
  LANGUAGE plpgsql
@@ -265,29 +313,47 @@ BEGIN
         boundary := CASE WHEN p_horizon IS NULL THEN '-infinity'::timestamp
                          ELSE date_trunc(p, p_horizon AT TIME ZONE p_zone)
                               + ('1 ' || p)::interval END;
-        FOR m IN SELECT key, status, counted_from_xid, backfill_after_org, backfill_after_at
-                 FROM meters
+        FOR m IN SELECT key FROM meters
                  WHERE NOT builtin AND status <> 'archived' AND counted_from_xid IS NOT NULL LOOP
-            DELETE FROM meter_aggregations
-            WHERE org_id = p_org AND meter_key = m.key AND period = p
-              AND period_start >= boundary::date;
-            DELETE FROM meter_unique_values
-            WHERE org_id = p_org AND meter_key = m.key AND period = p
-              AND period_start >= boundary::date;
-            PERFORM count_meter_events(ARRAY[m.key], m.counted_from_xid, watermark,
-                                       boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p]);
-            IF m.status = 'active' THEN
-                PERFORM count_meter_events(ARRAY[m.key], 0, m.counted_from_xid,
-                                           boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p]);
-            ELSIF m.backfill_after_org IS NOT NULL THEN
-                -- the part of the backfill done so far
-                PERFORM count_meter_events(ARRAY[m.key], 0, m.counted_from_xid,
-                                           boundary AT TIME ZONE p_zone, NULL, p_org, ARRAY[p],
-                                           NULL, NULL, m.backfill_after_org,
-                                           m.backfill_after_at);
-            END IF;
+            PERFORM recount_meter(m.key, p_org, p, p_zone, boundary AT TIME ZONE p_zone, NULL,
+                                  watermark);
         END LOOP;
     END LOOP;
+END;
+$function$;
+
+-- The cancellations of the transactions in [from_xid, to_xid) (contract section 10): for
+-- every meter counting (recount_meter) the type of a cancelled event, the day and the month
+-- the event was in, in its org's zone, are counted again at to_xid. Returns how many
+-- (period, meter) recounts it made.
+CREATE OR REPLACE FUNCTION public.recount_cancelled_meter_periods(p_from_xid bigint, p_to_xid bigint)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    w        record;
+    recounts bigint := 0;
+BEGIN
+    FOR w IN
+        SELECT DISTINCT m.key, e.org_id, p.period, z.zone,
+               date_trunc(p.period, e.occurred_at AT TIME ZONE z.zone) AT TIME ZONE z.zone
+                   AS start_at,
+               (date_trunc(p.period, e.occurred_at AT TIME ZONE z.zone)
+                   + ('1 ' || p.period)::interval) AT TIME ZONE z.zone AS end_at
+        FROM usage_events e
+        JOIN meters m ON m.event_type = e.event_type AND NOT m.builtin
+                     AND m.status <> 'archived' AND m.counted_from_xid IS NOT NULL
+        LEFT JOIN org_subscriptions s ON s.org_id = e.org_id
+        CROSS JOIN LATERAL (SELECT coalesce(s.timezone, 'UTC') AS zone) z
+        CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+        WHERE e.cancel_xid >= p_from_xid AND e.cancel_xid < p_to_xid
+        ORDER BY 1, 2, 3, 5
+    LOOP
+        PERFORM recount_meter(w.key, w.org_id, w.period, w.zone, w.start_at, w.end_at,
+                              p_to_xid);
+        recounts := recounts + 1;
+    END LOOP;
+    RETURN recounts;
 END;
 $function$;
 

@@ -12,11 +12,13 @@ from prometheus_client import CollectorRegistry
 
 from metering.api.observability import ApiMetrics
 from metering.config import Settings
+from metering.corrections.cancel import CancelStore
 from metering.kafka_batches import EventPublisher
 from metering.meters.registry import AcceptedTypes
 from metering.meters.store import MeterStore
 from metering.meters.usage_store import MeterUsageStore
 from metering.partitioner import OrgKeyPartitioner
+from metering.storage.audit import AuditLog
 from metering.storage.keys import KeyStore
 from metering.storage.pool import create_pool
 from metering.storage.reads import ReadStore, SubscriptionStore
@@ -42,6 +44,8 @@ class AppState:
     meters: MeterStore
     meter_usage: MeterUsageStore
     accepted_types: AcceptedTypes
+    audit: AuditLog
+    cancels: CancelStore
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
     )
@@ -69,6 +73,7 @@ def lifespan_for(
         publisher = EventPublisher(producer, partitioner, settings.events_topic)
         stack = AsyncExitStack()
         accepted_types = await stack.enter_async_context(AcceptedTypes.following(settings))
+        audit = AuditLog(pool)
         app.state.metering = AppState(
             settings=settings,
             registry=registry,
@@ -82,6 +87,8 @@ def lifespan_for(
             meters=MeterStore(pool),
             meter_usage=MeterUsageStore(pool),
             accepted_types=accepted_types,
+            audit=audit,
+            cancels=CancelStore(pool, audit, settings.lateness_window),
         )
         try:
             yield

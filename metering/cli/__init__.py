@@ -1,11 +1,18 @@
 """`metering`: the command line of contract section 6. Run `metering --help`.
 
 Commands by concern: `dev` (local services, migrate), `services` (the processes of the
-service), `data` (usage, checks, recomputation, retention), `meters`, `admin` (API keys); `common`
-holds the root group and what they share.
+service), `data` (usage, checks, recomputation, retention), `meters`, `corrections` (cancel,
+audit), `admin` (API keys); `common` holds the root group and what they share.
 """
 
-from metering.cli import admin, data, dev, meters, services  # noqa: F401  (each registers its commands)
+from metering.cli import (  # noqa: F401  (each registers its commands)
+    admin,
+    corrections,
+    data,
+    dev,
+    meters,
+    services,
+)
 from metering.cli.common import cli
 
 

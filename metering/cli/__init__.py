@@ -2,13 +2,15 @@
 
 Commands by concern: `dev` (local services, migrate), `services` (the processes of the
 service), `data` (usage, checks, recomputation, retention), `meters`, `corrections` (cancel,
-audit), `admin` (API keys); `common` holds the root group and what they share.
+audit), `dead_letters` (dlq), `admin` (API keys); `common` holds the root group and what
+they share.
 """
 
 from metering.cli import (  # noqa: F401  (each registers its commands)
     admin,
     corrections,
     data,
+    dead_letters,
     dev,
     meters,
     services,

@@ -123,10 +123,11 @@ def cancel(
             return int(any(o.status in ("unknown", "outside_window") for o in found))
         outcomes = await store.cancel_ids(org_id, ids, actor=cli_actor(), reason=reason)
         _print_outcomes(outcomes)
-        counts: dict[str, int] = {}
-        for outcome in outcomes:
-            counts[outcome.status] = counts.get(outcome.status, 0) + 1
-        click.echo(", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items()), err=True)
+        order = ("cancelled", "already_cancelled", "unknown", "outside_window")
+        counts = {s: sum(1 for o in outcomes if o.status == s) for s in order}
+        click.echo(
+            ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts.items() if n), err=True
+        )
         return int(any(o.status in ("unknown", "outside_window") for o in outcomes))
 
     sys.exit(run_sync(with_pool(settings, run)))

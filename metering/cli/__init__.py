@@ -2,7 +2,7 @@
 
 Commands by concern: `dev` (local services, migrate), `services` (the processes of the
 service), `data` (usage, checks, recomputation, retention), `meters`, `corrections` (cancel,
-audit), `dead_letters` (dlq), `admin` (API keys); `common` holds the root group and what
+audit), `dead_letters` (dlq), `imports`, `admin` (API keys); `common` holds the root group and what
 they share.
 """
 
@@ -12,6 +12,7 @@ from metering.cli import (  # noqa: F401  (each registers its commands)
     data,
     dead_letters,
     dev,
+    imports,
     meters,
     services,
 )

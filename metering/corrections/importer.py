@@ -264,8 +264,9 @@ class FileImport:
                 if isinstance(verdict, Rejected):
                     rejected.write(verdict.json_line().encode("utf-8", "surrogateescape"))
                     progress.rejected += 1
-                else:
-                    batch.append((verdict.partition_key(), verdict.to_json()))
+                elif isinstance(item, Row):
+                    # the row's own JSON text, as validated (a CSV row: the event it stands for)
+                    batch.append((verdict.partition_key(), item.text.encode("utf-8")))
                     progress.published += 1
                 progress.rows_done = seen
                 if len(batch) >= self._batch_size:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 from bench.common import (
     ROOT,
@@ -35,6 +36,26 @@ from bench.common import (
 )
 
 STORED_SO_FAR = "SELECT coalesce(sum(events), 0) FROM ingest_batches"
+
+
+def cpu_of(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def services_cpu() -> dict[str, float]:
+    """CPU seconds so far of PostgreSQL's processes and of the Kafka broker (Java)."""
+    found = {"postgres": 0.0, "kafka": 0.0}
+    for process in psutil.process_iter(["name"]):
+        name = process.info["name"] or ""
+        if name.startswith("postgres"):
+            found["postgres"] += cpu_of(process)
+        elif name == "java":
+            found["kafka"] += cpu_of(process)
+    return found
 
 
 async def one_run(mode: str, file: Path, events: int, logs: Path) -> dict[str, float]:
@@ -50,6 +71,8 @@ async def one_run(mode: str, file: Path, events: int, logs: Path) -> dict[str, f
             if mode == "import"
             else ["send", "--count", str(events), "--orgs", "1000"]
         )
+        services_from = services_cpu()
+        consumer_from = cpu_of(psutil.Process(consumer.pid))
         started = time.perf_counter()
         command = subprocess.Popen(
             [sys.executable, "-m", "metering", *args],
@@ -60,11 +83,14 @@ async def one_run(mode: str, file: Path, events: int, logs: Path) -> dict[str, f
         )
         command_seconds = 0.0
         rss = 0.0
+        command_cpu = 0.0
+        watched = psutil.Process(command.pid)
         stored = 0
         while stored < events:
             await asyncio.sleep(0.25)
             if command.poll() is None:
                 rss = max(rss, peak_rss_mib(command.pid))
+                command_cpu = max(command_cpu, cpu_of(watched))
             elif not command_seconds:
                 command_seconds = time.perf_counter() - started
                 if command.returncode not in (0,):
@@ -73,6 +99,8 @@ async def one_run(mode: str, file: Path, events: int, logs: Path) -> dict[str, f
                 sys.exit(f"the consumer exited; log: {logs}")
             stored = await conn.fetchval(STORED_SO_FAR)
         seconds = time.perf_counter() - started
+        services_to = services_cpu()
+        consumer_cpu = cpu_of(psutil.Process(consumer.pid)) - consumer_from
         command.wait(timeout=60)
         command_seconds = command_seconds or seconds
         counted = await conn.fetchval("SELECT count(*) FROM usage_events")
@@ -82,16 +110,30 @@ async def one_run(mode: str, file: Path, events: int, logs: Path) -> dict[str, f
         consumer.terminate()
         consumer.wait(timeout=30)
         await conn.close()
+    per_event = {
+        "command": command_cpu,
+        "consumer": consumer_cpu,
+        **{name: services_to[name] - services_from[name] for name in services_to},
+    }
+    per_event = {name: cpu / events * 1e6 for name, cpu in per_event.items()}
+    cores = psutil.cpu_count() or 1
     result = {
         "end_to_end_events_per_s": events / seconds,
         "command_events_per_s": events / command_seconds,
         "command_peak_rss_mib": rss,
+        "cpu_us_per_event": sum(per_event.values()),
+        # what the CPU measured allows on this box if every core were busy all the time
+        "cpu_bound_events_per_s": cores * 1e6 / sum(per_event.values()),
+        **{f"{name}_cpu_us": us for name, us in per_event.items()},
     }
     print(
         f"{mode:>6}: {events:,} events stored in {seconds:.1f}s = "
         f"{result['end_to_end_events_per_s']:,.0f} events/s end to end; the command took "
         f"{command_seconds:.1f}s ({result['command_events_per_s']:,.0f} events/s), "
-        f"peak RSS {rss:.0f} MiB",
+        f"peak RSS {rss:.0f} MiB; CPU per event "
+        + ", ".join(f"{name} {us:.1f} µs" for name, us in per_event.items())
+        + f" = {result['cpu_us_per_event']:.1f} µs: at most "
+        f"{result['cpu_bound_events_per_s']:,.0f} events/s on {cores} cores",
         flush=True,
     )
     return result
@@ -114,7 +156,7 @@ async def main(events: int, runs: int) -> None:
             series[mode].append(await one_run(mode, file, events, logs))
     figures: dict[str, object] = {"events": events, "runs": runs}
     for mode, results in series.items():
-        for name in ("end_to_end_events_per_s", "command_events_per_s", "command_peak_rss_mib"):
+        for name in results[0]:
             values = [r[name] for r in results]
             figures[f"{mode}_{name}"] = statistics.median(values)
             figures[f"{mode}_{name}_range"] = [min(values), max(values)]

@@ -179,14 +179,14 @@ async def dead_letters(
 
 
 async def find_dead_letter(settings: Settings, partition: int, offset: int) -> DeadLetterRecord:
-    """The dead letter at `partition:offset`; LookupError when there is none."""
-    async for record in dead_letters(settings, starts={partition: offset}, ends=None):
-        if record.partition == partition and record.offset == offset:
-            return record
-        if record.partition > partition or (
-            record.partition == partition and record.offset > offset
-        ):
-            break
+    """The dead letter at `partition:offset` (only that partition is read, from there);
+    LookupError when there is none."""
+    ends = await dead_letter_ends(settings)
+    if partition not in ends or not 0 <= offset < ends[partition]:
+        raise LookupError(f"no dead letter at {partition}:{offset} in {settings.dlq_topic}")
+    starts = {**ends, partition: offset}  # the other partitions: nothing to read
+    async for record in dead_letters(settings, starts=starts, ends={**ends, partition: offset + 1}):
+        return record
     raise LookupError(f"no dead letter at {partition}:{offset} in {settings.dlq_topic}")
 
 

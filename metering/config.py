@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     retry_min_seconds: float = 0.2
     retry_max_seconds: float = 5.0
 
+    # Webhooks (contract section 9): how long a delivery may take before it is retried,
+    # and whether private, loopback and link-local addresses (and http) are allowed (tests,
+    # or a receiver inside the operator's own network).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    webhook_allow_private: bool = False
+
     events_partitions: int = Field(default=6, ge=1)
     dev_dir: Path = Path(".dev")
     dev_kafka_controller_port: int = 9093
@@ -108,6 +114,8 @@ class Settings(BaseSettings):
             "DEV_DIR": str(self.dev_dir),
             "HTTP_HEADER_TIMEOUT_SECONDS": str(self.http_header_timeout_seconds),
             "HTTP_BODY_TIMEOUT_SECONDS": str(self.http_body_timeout_seconds),
+            "WEBHOOK_TIMEOUT_SECONDS": str(self.webhook_timeout_seconds),
+            "WEBHOOK_ALLOW_PRIVATE": str(self.webhook_allow_private).lower(),
         }
         return {f"METERING_{name}": value for name, value in values.items()}
 

@@ -160,3 +160,39 @@ class AggregatorMetrics:
             "Threshold crossings published to the limits topic.",
             registry=registry,
         )
+
+
+class WebhookMetrics:
+    """The webhook deliverer's (metering webhooks deliver, or inside metering run)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dependencies = DependencyMetrics(registry)
+        self.deliveries = Counter(
+            "metering_webhook_deliveries",
+            "Webhook messages finished, by result (delivered, or failed after 24 h of retries).",
+            ["result"],
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "metering_webhook_attempts",
+            "Webhook delivery attempts, by outcome (success: a 2xx answer; error: any other "
+            "answer, a timeout, a refused address).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.attempt_seconds = Histogram(
+            "metering_webhook_attempt_seconds",
+            "Time of one delivery attempt, from resolving the host to the answer's status.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "metering_webhook_pending",
+            "Webhook deliveries not delivered or given up yet.",
+            registry=registry,
+        )
+        self.oldest_undelivered = Gauge(
+            "metering_webhook_oldest_undelivered_seconds",
+            "Age of the oldest webhook delivery still pending (0 when none is).",
+            registry=registry,
+        )

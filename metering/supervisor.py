@@ -23,6 +23,10 @@ def service_children(settings: Settings) -> list[Child]:
         Child("consume", ["consume", "--metrics-port", str(settings.metrics_port)]),
         Child("aggregate", ["aggregate", "--metrics-port", str(settings.metrics_port + 1)]),
         Child("serve", ["serve", "--port", str(settings.http_port)]),
+        Child(
+            "webhooks",
+            ["webhooks", "deliver", "--metrics-port", str(settings.metrics_port + 2)],
+        ),
     ]
 
 

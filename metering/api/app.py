@@ -10,7 +10,15 @@ from prometheus_client import CollectorRegistry
 
 from metering.api.errors import install_error_handlers
 from metering.api.observability import ApiMetrics, MetricsMiddleware
-from metering.api.routes import admin, corrections, ingest, meters, operations, reads
+from metering.api.routes import (
+    admin,
+    corrections,
+    ingest,
+    meters,
+    operations,
+    reads,
+    webhooks,
+)
 from metering.api.state import lifespan_for
 from metering.config import Settings
 
@@ -33,7 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
     # The routes themselves, not `include_router`: FastAPI 0.165 wraps an included router in
     # a matcher of its own (`_IncludedRouter`) that every request walks through, measured at
     # ~10% of the access check's CPU in the server (py-spy, alternated with 910033e).
-    for routes in (ingest, reads, admin, meters, corrections, operations):
+    for routes in (ingest, reads, admin, meters, corrections, webhooks, operations):
         app.router.routes.extend(routes.router.routes)
     return app
 

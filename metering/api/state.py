@@ -22,6 +22,7 @@ from metering.storage.audit import AuditLog
 from metering.storage.keys import KeyStore
 from metering.storage.pool import create_pool
 from metering.storage.reads import ReadStore, SubscriptionStore
+from metering.webhooks.store import WebhookStore
 
 # Bodies larger than INLINE_BODY_BYTES are validated in a worker thread, at most this many
 # at a time (routes/ingest.py).
@@ -46,6 +47,7 @@ class AppState:
     accepted_types: AcceptedTypes
     audit: AuditLog
     cancels: CancelStore
+    webhooks: WebhookStore
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
     )
@@ -89,6 +91,7 @@ def lifespan_for(
             accepted_types=accepted_types,
             audit=audit,
             cancels=CancelStore(pool, audit, settings.lateness_window),
+            webhooks=WebhookStore(pool),
         )
         try:
             yield

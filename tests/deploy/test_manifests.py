@@ -136,4 +136,9 @@ def test_prometheus_configs_scrape_every_process() -> None:
     for name in ("prometheus.yml", "compose.yml"):
         config = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
         jobs = {job["job_name"] for job in config["scrape_configs"]}
-        assert jobs == {"metering-consumer", "metering-aggregator", "metering-api"}, name
+        assert jobs == {
+            "metering-consumer",
+            "metering-aggregator",
+            "metering-webhooks",
+            "metering-api",
+        }, name

@@ -76,6 +76,9 @@ def lifespan_for(
         stack = AsyncExitStack()
         accepted_types = await stack.enter_async_context(AcceptedTypes.following(settings))
         audit = AuditLog(pool)
+        keys = await stack.enter_async_context(
+            KeyStore(pool).following_revocations(settings.database_url.get_secret_value())
+        )
         app.state.metering = AppState(
             settings=settings,
             registry=registry,
@@ -83,7 +86,7 @@ def lifespan_for(
             pool=pool,
             producer=producer,
             publisher=publisher,
-            keys=KeyStore(pool),
+            keys=keys,
             reads=ReadStore(pool),
             subscriptions=SubscriptionStore(pool),
             meters=MeterStore(pool),

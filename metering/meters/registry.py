@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 import asyncpg
 
 from metering.config import Settings
 from metering.models import SEEDED_TYPES
-from metering.storage.pool import TRANSIENT_DB_ERRORS
+from metering.storage.notifications import follow_channel
 
 log = logging.getLogger("metering.meters")
 CHANNEL = "metering_meters"
@@ -53,33 +53,11 @@ class AcceptedTypes:
             self.changed.set()
             self.changed = asyncio.Event()
 
-    async def _follow(self, settings: Settings, poll_seconds: float) -> None:
-        dsn = settings.database_url.get_secret_value()
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(dsn)
-                wake = asyncio.Event()
-                await conn.add_listener(CHANNEL, lambda *_, event=wake: event.set())
-                while not conn.is_closed():
-                    wake.clear()
-                    self._set(await load_accepted_types(conn))
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), poll_seconds)
-            except asyncio.CancelledError:
-                raise
-            except TRANSIENT_DB_ERRORS as error:
-                log.warning(
-                    "cannot follow meter changes (%s: %s); keeping the accepted types "
-                    "as they are and trying again in %.0f s",
-                    type(error).__name__,
-                    error,
-                    poll_seconds,
-                )
-            finally:
-                if conn is not None:
-                    conn.terminate()
-            await asyncio.sleep(poll_seconds)
+    async def _reload(self, conn: asyncpg.Connection) -> None:
+        self._set(await load_accepted_types(conn))
+
+    def _lost(self) -> None:
+        log.warning("keeping the accepted event types as they are until PostgreSQL answers")
 
     @classmethod
     @asynccontextmanager
@@ -94,7 +72,16 @@ class AcceptedTypes:
             types._set(await load_accepted_types(conn))
         finally:
             await conn.close()
-        task = asyncio.create_task(types._follow(settings, poll_seconds))
+        task = asyncio.create_task(
+            follow_channel(
+                settings.database_url.get_secret_value(),
+                CHANNEL,
+                on_notify=lambda _: None,  # any change: the wake-up reloads the whole set
+                on_connected=types._reload,
+                on_lost=types._lost,
+                poll_seconds=poll_seconds,
+            )
+        )
         try:
             yield types
         finally:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+from metering.storage.notifications import follow_channel
 
 KEY_PREFIX = "mk"
 INSERT_KEY = """
@@ -64,15 +69,21 @@ def _record_to_key(row: asyncpg.Record) -> ApiKey:
     )
 
 
-# Authenticated keys are remembered this long, so the hot path skips a query; a revoked
-# key stops working within this many seconds on every API process.
-KEY_CACHE_SECONDS = 2.0
+# Authenticated keys are remembered this long while the process follows the revocations
+# (LISTEN metering_keys, migration 019): a revoked or changed key is dropped from every API
+# process's cache as the notification arrives. While that connection is down nothing is
+# cached: every request reads the key.
+KEY_CACHE_SECONDS = 60.0
+CHANNEL = "metering_keys"
 
 
 class KeyStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._recent: dict[bytes, tuple[float, ApiKey]] = {}
+        self._following = False
+        # bumped by every notification: a key read before one is not cached after it
+        self._generation = 0
 
     async def create(
         self, scopes: list[str], org_id: uuid.UUID | None, name: str = ""
@@ -96,6 +107,7 @@ class KeyStore:
         cached = self._recent.get(digest)
         if cached is not None and time.monotonic() - cached[0] < KEY_CACHE_SECONDS:
             return cached[1]
+        generation = self._generation
         async with self._pool.acquire() as conn:
             row = await conn.fetchrow(KEY_BY_PREFIX, parts[1])
         if row is None or not hmac.compare_digest(row["secret_hash"], digest):
@@ -103,10 +115,47 @@ class KeyStore:
         if row["revoked_at"] is not None:
             return None
         key = _record_to_key(row)
-        if len(self._recent) > 10_000:
-            self._recent.clear()
-        self._recent[digest] = (time.monotonic(), key)
+        if self._following and generation == self._generation:
+            if len(self._recent) > 10_000:
+                self._recent.clear()
+            self._recent[digest] = (time.monotonic(), key)
         return key
+
+    def _changed(self, prefix: str) -> None:
+        self._generation += 1
+        for digest, (_, key) in list(self._recent.items()):
+            if key.prefix == prefix:
+                del self._recent[digest]
+
+    async def _connected(self, _: asyncpg.Connection) -> None:
+        if not self._following:  # after a gap: notifications may have been missed
+            self._generation += 1
+            self._recent.clear()
+            self._following = True
+
+    def _lost(self) -> None:
+        self._following = False
+        self._generation += 1
+        self._recent.clear()
+
+    @asynccontextmanager
+    async def following_revocations(self, dsn: str) -> AsyncIterator[KeyStore]:
+        """Cache authenticated keys while following their changes, until the block ends."""
+        task = asyncio.create_task(
+            follow_channel(
+                dsn,
+                CHANNEL,
+                on_notify=self._changed,
+                on_connected=self._connected,
+                on_lost=self._lost,
+            )
+        )
+        try:
+            yield self
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._lost()
 
     async def list(self) -> list[ApiKey]:
         async with self._pool.acquire() as conn:

@@ -11,6 +11,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 UNLIMITED = -1
+# The thresholds of a limit whose plan row or override names none (contract section 8)
 THRESHOLDS = (80, 100)
 # Namespace for deterministic crossing ids (uuid5): same crossing, same id, everywhere.
 CROSSING_NAMESPACE = uuid.UUID("6f1c1f6e-3c39-4b8e-9a7a-4f6f0c2f5d11")
@@ -27,6 +28,7 @@ class LimitUsage:
     used: Decimal
     limit: int
     notified: frozenset[int] = frozenset()  # thresholds already recorded for this period
+    thresholds: tuple[int, ...] = THRESHOLDS  # this limit's (plan feature or override)
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,15 @@ class Crossing:
 def thresholds_reached(
     used: Decimal, limit: int, thresholds: tuple[int, ...] = THRESHOLDS
 ) -> list[int]:
-    """The thresholds (percent of `limit`) that `used` has reached. Unlimited (-1) reaches
-    none and is never compared as a number; a limit of 0 is reached by any use above 0."""
+    """The thresholds (percent of `limit`, in increasing order, each once) that `used` has
+    reached. Unlimited (-1) reaches none and is never compared as a number; a limit of 0
+    is reached by any use above 0."""
+    ordered = sorted(set(thresholds))
     if limit == UNLIMITED:
         return []
     if limit == 0:
-        return list(thresholds) if used > 0 else []
-    return [t for t in thresholds if used * 100 >= Decimal(limit) * t]
+        return ordered if used > 0 else []
+    return [t for t in ordered if used * 100 >= Decimal(limit) * t]
 
 
 def crossing_id(
@@ -87,7 +91,7 @@ def crossings(usages: list[LimitUsage], now: datetime) -> list[Crossing]:
     `notified` thresholds (the caller stores each once; ids make a repeat harmless)."""
     found = []
     for usage in usages:
-        for threshold in thresholds_reached(usage.used, usage.limit):
+        for threshold in thresholds_reached(usage.used, usage.limit, usage.thresholds):
             if threshold in usage.notified:
                 continue
             found.append(

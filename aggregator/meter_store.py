@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from aggregator.limits import THRESHOLDS, Crossing
+from aggregator.limits import Crossing
 from aggregator.store import FINISH_CROSSINGS, crossing_columns, limit_usages
 
 # Bounded like the v1 pass: about $1 events a pass, in whole transactions and at least the
@@ -36,7 +36,7 @@ SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,
             WHERE e.ingest_xid >= s.watermark_xid))) AS upper
 FROM state s
 """
-METER_PASS = "SELECT * FROM meter_pass($1, $2, $3)"
+METER_PASS = "SELECT * FROM meter_pass($1, $2)"
 # Marks this transaction as meter work, which the v1 pass's bound leaves out (its
 # SNAPSHOT_AND_LOCK in aggregator/store.py): meter work never writes usage_events.
 MARK_METER_WORK = "SET LOCAL application_name = 'metering-meter-work'"
@@ -75,7 +75,7 @@ class MeterPassStore:
             upper: int = bounds["upper"]
             if upper <= lower:
                 return MeterPassResult(lower, lower, 0, [])
-            applied = await conn.fetchrow(METER_PASS, lower, upper, list(THRESHOLDS))
+            applied = await conn.fetchrow(METER_PASS, lower, upper)
             assert applied is not None
             usages = limit_usages(applied)
             candidates: list[Crossing] = decide(usages)

@@ -49,10 +49,10 @@ SELECT s.watermark_xid AS lower, s.xmin AS snapshot_xmin,
 FROM state s
 """
 # Aggregates the new events and returns the usage of every limited feature in the months
-# they touched that reaches the lowest of the thresholds $3, with the thresholds already
-# recorded (a bit mask over $3); limits with every threshold recorded are left out
-# (migrations 009, 011 and 012).
-AGGREGATION_PASS = "SELECT * FROM aggregation_pass($1, $2, $3)"
+# they touched (and of the limits to check again, limit_rechecks) that reaches the lowest
+# of its thresholds, with the thresholds already recorded (a bit mask over its own);
+# limits with every threshold recorded are left out (migrations 009, 011, 012 and 020).
+AGGREGATION_PASS = "SELECT * FROM aggregation_pass($1, $2)"
 # The end of a pass, in one statement: record the crossings (ids are deterministic, so a
 # crossing recorded before is not recorded again and not returned), move the watermark and
 # record the pass.
@@ -141,7 +141,7 @@ class AggregateStore:
             caught_up = upper == bounds["snapshot_xmin"]
             if upper <= lower:
                 return PassResult(lower, lower, 0, [], [])
-            applied = await conn.fetchrow(AGGREGATION_PASS, lower, upper, list(THRESHOLDS))
+            applied = await conn.fetchrow(AGGREGATION_PASS, lower, upper)
             assert applied is not None  # a function with OUT parameters returns one row
             events: int = applied["events"]
             measured_at: datetime = applied["measured_at"]
@@ -238,25 +238,38 @@ class AggregateStore:
 
 def limit_usages(applied: asyncpg.Record) -> list[LimitUsage]:
     """The touched limits an aggregation_pass or meter_pass row hands over: those that
-    reach the lowest threshold, with the thresholds already recorded."""
-    return [
-        LimitUsage(org, feature, period, start, Decimal(used), limit, notified_set(mask))
-        for org, feature, period, start, used, limit, mask in zip(
-            applied["limit_orgs"],
-            applied["limit_features"],
-            applied["limit_periods"],
-            applied["limit_starts"],
-            applied["limit_used"],
-            applied["limit_values"],
-            applied["limit_notified"],
-            strict=True,
+    reach the lowest of their thresholds, with the thresholds already recorded."""
+    usages = []
+    for org, feature, period, start, used, limit, padded, mask in zip(
+        applied["limit_orgs"],
+        applied["limit_features"],
+        applied["limit_periods"],
+        applied["limit_starts"],
+        applied["limit_used"],
+        applied["limit_values"],
+        applied["limit_thresholds"] or [[]] * len(applied["limit_orgs"]),
+        applied["limit_notified"],
+        strict=True,
+    ):
+        thresholds = tuple(t for t in padded if t is not None)
+        usages.append(
+            LimitUsage(
+                org,
+                feature,
+                period,
+                start,
+                Decimal(used),
+                limit,
+                notified_set(mask, thresholds),
+                thresholds,
+            )
         )
-    ]
+    return usages
 
 
 def notified_set(mask: int, thresholds: tuple[int, ...] = THRESHOLDS) -> frozenset[int]:
     """The thresholds a bit mask from aggregation_pass marks as recorded: bit i stands for
-    thresholds[i], the order in which the pass was given them."""
+    thresholds[i], the limit's thresholds in the order the pass handed them over."""
     return frozenset(t for i, t in enumerate(thresholds) if mask >> i & 1)
 
 

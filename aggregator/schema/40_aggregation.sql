@@ -175,7 +175,7 @@ $function$;
 
 -- One pass in one call: aggregate_new_events, the recount of the periods of the events
 -- cancelled in the same range, then the crossings of the touched limits.
-CREATE OR REPLACE FUNCTION public.aggregation_pass(p_from_xid bigint, p_to_xid bigint, p_thresholds integer[], OUT events bigint, OUT measured_at timestamp with time zone, OUT received_at timestamp with time zone[], OUT received_events bigint[], OUT limit_orgs uuid[], OUT limit_features text[], OUT limit_periods text[], OUT limit_starts date[], OUT limit_used numeric[], OUT limit_values bigint[], OUT limit_notified integer[])
+CREATE OR REPLACE FUNCTION public.aggregation_pass(p_from_xid bigint, p_to_xid bigint, OUT events bigint, OUT measured_at timestamp with time zone, OUT received_at timestamp with time zone[], OUT received_events bigint[], OUT limit_orgs uuid[], OUT limit_features text[], OUT limit_periods text[], OUT limit_starts date[], OUT limit_used numeric[], OUT limit_values bigint[], OUT limit_thresholds integer[], OUT limit_notified integer[])
  RETURNS record
  LANGUAGE plpgsql
 AS $function$
@@ -202,18 +202,42 @@ BEGIN
                ON a.org_id = t.org_id AND a.event_type = t.event_type
               AND a.period = 'month' AND a.period_start = t.month;
     END IF;
+    -- limits whose definition changed (an override, a plan): checked in their current
+    -- month whatever the events did (a NULL value: usage_for_limit reads it)
+    WITH due AS (
+        DELETE FROM limit_rechecks RETURNING org_id, feature_key
+    )
+    SELECT touched_orgs || coalesce(array_agg(d.org_id), '{}'),
+           touched_types || coalesce(array_agg(m.key), '{}'),
+           touched_months || coalesce(array_agg(
+               date_trunc('month', now() AT TIME ZONE coalesce(s.timezone, 'UTC'))::date), '{}'),
+           touched_values || coalesce(array_agg(NULL::numeric), '{}')
+    INTO touched_orgs, touched_types, touched_months, touched_values
+    FROM due d
+    JOIN meters m ON m.limit_key = d.feature_key AND m.status <> 'archived'
+    LEFT JOIN org_subscriptions s ON s.org_id = d.org_id;
     measured_at := applied.measured_at;
     received_at := applied.received_at;
     received_events := applied.received_events;
     SELECT coalesce(array_agg(u.org_id), '{}'), coalesce(array_agg(u.feature_key), '{}'),
            coalesce(array_agg(u.period), '{}'), coalesce(array_agg(u.period_start), '{}'),
            coalesce(array_agg(u.used), '{}'), coalesce(array_agg(u.limit_value), '{}'),
+           coalesce(array_agg(padded_thresholds(u.thresholds)), '{}'),
            coalesce(array_agg(u.notified), '{}')
     INTO limit_orgs, limit_features, limit_periods, limit_starts, limit_used, limit_values,
-         limit_notified
-    FROM touched_limit_usage(touched_orgs, touched_types, touched_months, touched_values,
-                             p_thresholds) AS u;
+         limit_thresholds, limit_notified
+    FROM touched_limit_usage(touched_orgs, touched_types, touched_months, touched_values) AS u;
 END;
+$function$;
+
+-- A limit's thresholds as a row of a two-dimensional array (aggregation_pass, meter_pass
+-- hand every touched limit's over in one): padded with NULLs to the most a limit has (10).
+CREATE OR REPLACE FUNCTION public.padded_thresholds(p_thresholds integer[])
+ RETURNS integer[]
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT p_thresholds || array_fill(NULL::integer, ARRAY[10 - cardinality(p_thresholds)])
 $function$;
 
 -- The cancellations of the transactions in [from_xid, to_xid) (contract section 10): the

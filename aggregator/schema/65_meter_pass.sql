@@ -225,7 +225,7 @@ $function$;
 -- reaches the lowest threshold, with the thresholds already recorded (a bit mask), as
 -- aggregation_pass does for the seeded meters. Apart from the v1 pass, so that meters
 -- defined by users can never delay the seeded meters' numbers and crossings.
-CREATE OR REPLACE FUNCTION public.meter_pass(p_from_xid bigint, p_to_xid bigint, p_thresholds integer[], OUT pairs bigint, OUT limit_orgs uuid[], OUT limit_features text[], OUT limit_periods text[], OUT limit_starts date[], OUT limit_used numeric[], OUT limit_values bigint[], OUT limit_notified integer[])
+CREATE OR REPLACE FUNCTION public.meter_pass(p_from_xid bigint, p_to_xid bigint, OUT pairs bigint, OUT limit_orgs uuid[], OUT limit_features text[], OUT limit_periods text[], OUT limit_starts date[], OUT limit_used numeric[], OUT limit_values bigint[], OUT limit_thresholds integer[], OUT limit_notified integer[])
  RETURNS record
  LANGUAGE plpgsql
 AS $function$
@@ -242,12 +242,13 @@ BEGIN
     SELECT coalesce(array_agg(u.org_id), '{}'), coalesce(array_agg(u.feature_key), '{}'),
            coalesce(array_agg(u.period), '{}'), coalesce(array_agg(u.period_start), '{}'),
            coalesce(array_agg(u.used), '{}'), coalesce(array_agg(u.limit_value), '{}'),
+           coalesce(array_agg(padded_thresholds(u.thresholds)), '{}'),
            coalesce(array_agg(u.notified), '{}')
     INTO limit_orgs, limit_features, limit_periods, limit_starts, limit_used, limit_values,
-         limit_notified
+         limit_thresholds, limit_notified
     FROM touched,
-         touched_limit_usage(touched.orgs, touched.keys, touched.months, touched.month_values,
-                             p_thresholds) AS u;
+         touched_limit_usage(touched.orgs, touched.keys, touched.months, touched.month_values)
+             AS u;
 END;
 $function$;
 

@@ -14,6 +14,7 @@ from metering.api.routes import (
     admin,
     corrections,
     ingest,
+    limits,
     meters,
     operations,
     reads,
@@ -41,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
     # The routes themselves, not `include_router`: FastAPI 0.165 wraps an included router in
     # a matcher of its own (`_IncludedRouter`) that every request walks through, measured at
     # ~10% of the access check's CPU in the server (py-spy, alternated with 910033e).
-    for routes in (ingest, reads, admin, meters, corrections, webhooks, operations):
+    for routes in (ingest, reads, admin, limits, meters, corrections, webhooks, operations):
         app.router.routes.extend(routes.router.routes)
     return app
 

@@ -38,3 +38,8 @@ def for_org(key: ApiKey, org_id: UUID) -> None:
     """403 unless `key` may act for `org_id` (a key bound to one org may not for others)."""
     if not key.may_access(org_id):
         raise ApiError(403, "other_organization", "this key is bound to another organization")
+
+
+def key_actor(key: ApiKey) -> str:
+    """How an API key appears in the audit trail and on what it changed."""
+    return f"key:{key.prefix}" + (f" ({key.name})" if key.name else "")

@@ -14,6 +14,7 @@ from metering.api.observability import ApiMetrics
 from metering.config import Settings
 from metering.corrections.cancel import CancelStore
 from metering.kafka_batches import EventPublisher
+from metering.limits.overrides import OverrideStore
 from metering.meters.registry import AcceptedTypes
 from metering.meters.store import MeterStore
 from metering.meters.usage_store import MeterUsageStore
@@ -48,6 +49,7 @@ class AppState:
     audit: AuditLog
     cancels: CancelStore
     webhooks: WebhookStore
+    overrides: OverrideStore
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
     )
@@ -95,6 +97,7 @@ def lifespan_for(
             audit=audit,
             cancels=CancelStore(pool, audit, settings.lateness_window),
             webhooks=WebhookStore(pool),
+            overrides=OverrideStore(pool, audit),
         )
         try:
             yield

@@ -2,8 +2,8 @@
 
 Commands by concern: `dev` (local services, migrate), `services` (the processes of the
 service), `data` (usage, checks, recomputation, retention), `meters`, `corrections` (cancel,
-audit), `dead_letters` (dlq), `imports`, `webhooks`, `admin` (API keys); `common` holds the
-root group and what they share.
+audit), `dead_letters` (dlq), `imports`, `limits`, `webhooks`, `admin` (API keys);
+`common` holds the root group and what they share.
 """
 
 from metering.cli import (  # noqa: F401  (each registers its commands)
@@ -13,6 +13,7 @@ from metering.cli import (  # noqa: F401  (each registers its commands)
     dead_letters,
     dev,
     imports,
+    limits,
     meters,
     services,
     webhooks,

@@ -27,3 +27,16 @@ EXCEPTION WHEN invalid_parameter_value THEN
     RETURN false;
 END;
 $function$;
+
+-- Used by the CHECKs on plan_features.thresholds and org_limit_overrides.thresholds
+-- (migration 020): 1 to 10 percentages, each in 1..1000 (NULL: none given).
+CREATE OR REPLACE FUNCTION public.valid_thresholds(thresholds integer[])
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT thresholds IS NULL
+        OR (cardinality(thresholds) BETWEEN 1 AND 10
+            AND array_position(thresholds, NULL) IS NULL
+            AND 1 <= ALL (thresholds) AND 1000 >= ALL (thresholds))
+$function$;

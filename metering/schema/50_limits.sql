@@ -3,7 +3,7 @@
 --
 -- Limits: what counts as "used" for a limit and the access check of contract section 4.
 -- One definition of "used" (usage_for_limit) serves the check and the crossings the
--- aggregator records (aggregator/schema/45_crossings.sql).
+-- aggregator records (aggregator/schema/55_crossings.sql).
 
 -- Usage of one org against one limit key for the period holding `month`: what the meter
 -- with that `limit_key` counted (contract section 2; the seeded meters count in
@@ -72,7 +72,27 @@ BEGIN
 END;
 $function$;
 
--- The access check (contract section 4): limit, used, remaining, allowed.
+-- Which limit applies to an organization's feature (contract section 8): its own override
+-- (org_limit_overrides) when it has one, else its plan's row (the free plan without a
+-- subscription). `limit_value` NULL: neither exists; -1: unlimited. The one definition,
+-- used by the access check and by the crossings (aggregator/schema/55_crossings.sql).
+CREATE OR REPLACE FUNCTION public.effective_limit(p_org_id uuid, p_feature_key text, OUT limit_value bigint, OUT soft boolean, OUT thresholds integer[], OUT source text, OUT plan text)
+ RETURNS record
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT coalesce(o.limit_value, pf.limit_value), coalesce(o.soft, false),
+           coalesce(o.thresholds, pf.thresholds, '{80,100}'),
+           CASE WHEN o.org_id IS NOT NULL THEN 'override' ELSE 'plan' END, p.plan
+    FROM (SELECT coalesce((SELECT s.plan FROM org_subscriptions s WHERE s.org_id = p_org_id),
+                          'free') AS plan) p
+    LEFT JOIN plan_features pf ON pf.plan = p.plan AND pf.feature_key = p_feature_key
+    LEFT JOIN org_limit_overrides o ON o.org_id = p_org_id AND o.feature_key = p_feature_key
+$function$;
+
+-- The access check (contract sections 4 and 8): limit, used, remaining, allowed; a soft
+-- limit never refuses and reports its overage; `source` says whether the limit is the
+-- plan's or the organization's own.
 CREATE OR REPLACE FUNCTION public.check_feature_access(p_user_id uuid, p_feature_key text, p_org_id uuid, p_requested numeric)
  RETURNS jsonb
  LANGUAGE plpgsql
@@ -81,6 +101,7 @@ AS $function$
 DECLARE
     sub        record;
     feature    plan_features%ROWTYPE;
+    lim        record;
     month      date;
     used       numeric;
     remaining  numeric;
@@ -97,21 +118,28 @@ BEGIN
         RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan,
                                   'flags', feature.flags, 'allowed', true);
     END IF;
+    SELECT * INTO lim FROM effective_limit(p_org_id, p_feature_key);
     month := date_trunc('month', now() AT TIME ZONE sub.timezone)::date;
     -- exact numbers: no trailing zeros of a division (7, not 7.0000000000000000)
     used := trim_scale(usage_for_limit(p_org_id, p_feature_key, month));
-    IF feature.limit_value = -1 THEN
+    IF lim.limit_value = -1 THEN
         RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan, 'limit', -1,
                                   'unlimited', true, 'used', used, 'remaining', NULL,
                                   'requested', p_requested, 'allowed', true,
-                                  'period_start', month);
+                                  'period_start', month, 'soft', lim.soft,
+                                  'source', lim.source);
     END IF;
-    remaining := greatest(feature.limit_value - used, 0);
+    remaining := greatest(lim.limit_value - used, 0);
     RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan,
-                              'limit', feature.limit_value, 'unlimited', false, 'used', used,
+                              'limit', lim.limit_value, 'unlimited', false, 'used', used,
                               'remaining', remaining, 'requested', p_requested,
-                              'allowed', used + p_requested <= feature.limit_value,
-                              'period_start', month);
+                              'allowed', lim.soft OR used + p_requested <= lim.limit_value,
+                              'period_start', month, 'soft', lim.soft, 'source', lim.source,
+                              'thresholds', to_jsonb(lim.thresholds))
+           || CASE WHEN lim.soft
+                   THEN jsonb_build_object('overage',
+                                           greatest(used + p_requested - lim.limit_value, 0))
+                   ELSE '{}'::jsonb END;
 END;
 $function$;
 
@@ -162,3 +190,18 @@ END;
 $function$;
 
 REVOKE ALL ON FUNCTION reader_check_feature_access(uuid, text, numeric) FROM PUBLIC;
+
+-- Trigger (migration 020): a plan changed, so every limit of the organization is checked
+-- again by the next aggregation pass (a lower limit may be crossed already).
+CREATE OR REPLACE FUNCTION public.recheck_limits_after_plan_change()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO limit_rechecks (org_id, feature_key)
+    SELECT NEW.org_id, pf.feature_key FROM plan_features pf
+    WHERE pf.plan = NEW.plan AND pf.limit_value IS NOT NULL
+    ON CONFLICT (org_id, feature_key) DO UPDATE SET requested_at = now();
+    RETURN NULL;
+END;
+$function$;

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from aggregator.limits import THRESHOLDS, Crossing, LimitUsage, thresholds_reached
+from aggregator.limits import Crossing, LimitUsage, thresholds_reached
 from aggregator.service import Aggregator, decide_crossings
 from aggregator.store import AggregateStore, notified_set
 from metering.config import Settings
@@ -645,17 +645,22 @@ async def test_limits_below_the_lowest_threshold_are_left_out_as_decide_would(
     `decide` applies) says reach a threshold: exactly 80% does, just below does not, any use
     of a limit of 0 does, unlimited never does."""
     month = date(1999, 3, 1)
-    cases = [  # plan, event type, value of the month row
-        ("free", "api_call", Decimal(800)),  # 80% of 1,000
-        ("free", "api_call", Decimal("799.99")),
-        ("free", "automation_run", Decimal(8)),  # 80% of 10
-        ("free", "automation_run", Decimal("7.999")),
-        ("free", "schedule_executed", Decimal("0.001")),  # limit set to 0 below
-        ("free", "schedule_executed", Decimal(0)),
-        ("pro", "ai_tokens_used", Decimal(1_000_000)),  # 100%
-        ("enterprise", "api_call", Decimal(10**12)),  # unlimited
-        ("free", "storage_used", Decimal(800_000_000)),  # 0.8 of 1 GB
-        ("free", "storage_used", Decimal(799_999_999)),
+    cases = [  # plan, event type, value of the month row, the org's override if any
+        ("free", "api_call", Decimal(800), None),  # 80% of 1,000
+        ("free", "api_call", Decimal("799.99"), None),
+        ("free", "automation_run", Decimal(8), None),  # 80% of 10
+        ("free", "automation_run", Decimal("7.999"), None),
+        ("free", "schedule_executed", Decimal("0.001"), None),  # limit set to 0 below
+        ("free", "schedule_executed", Decimal(0), None),
+        ("pro", "ai_tokens_used", Decimal(1_000_000), None),  # 100%
+        ("enterprise", "api_call", Decimal(10**12), None),  # unlimited
+        ("free", "storage_used", Decimal(800_000_000), None),  # 0.8 of 1 GB
+        ("free", "storage_used", Decimal(799_999_999), None),
+        # the organization's own limit and thresholds win over the plan's
+        ("free", "api_call", Decimal(60), (100, [50, 150])),  # 60% of 100: 50 reached
+        ("free", "api_call", Decimal(49), (100, [50, 150])),
+        ("enterprise", "api_call", Decimal(900), (1000, None)),  # the plan's 80 and 100
+        ("free", "api_call", Decimal(10**9), (-1, None)),  # unlimited by contract
     ]
     orgs = [uuid.uuid4() for _ in cases]
     transaction = db.transaction()
@@ -665,33 +670,45 @@ async def test_limits_below_the_lowest_threshold_are_left_out_as_decide_would(
             "UPDATE plan_features SET limit_value = 0 "
             "WHERE plan = 'free' AND feature_key = 'max_schedules'"
         )
-        for org, (plan, _, _) in zip(orgs, cases, strict=True):
+        for org, (plan, event_type, _, override) in zip(orgs, cases, strict=True):
             await subscribe(db, org, plan, "UTC")
+            if override is not None:
+                await db.execute(
+                    "INSERT INTO org_limit_overrides (org_id, feature_key, limit_value, "
+                    "thresholds) SELECT $1, limit_key, $3, $4 FROM event_types "
+                    "WHERE event_type = $2",
+                    org,
+                    event_type,
+                    *override,
+                )
         rows = await db.fetch(
-            "SELECT * FROM touched_limit_usage($1, $2, $3, $4, $5)",
+            "SELECT * FROM touched_limit_usage($1, $2, $3, $4)",
             orgs,
-            [event_type for _, event_type, _ in cases],
+            [event_type for _, event_type, _, _ in cases],
             [month] * len(cases),
-            [value for _, _, value in cases],
-            list(THRESHOLDS),
+            [value for _, _, value, _ in cases],
         )
         expected = set()
-        for org, (plan, event_type, value) in zip(orgs, cases, strict=True):
+        for org, (plan, event_type, value, override) in zip(orgs, cases, strict=True):
             unit, key = await db.fetchrow(
                 "SELECT limit_unit, limit_key FROM event_types WHERE event_type = $1", event_type
             )
-            limit = await db.fetchval(
-                "SELECT limit_value FROM plan_features WHERE plan = $1 AND feature_key = $2",
+            limit, thresholds = await db.fetchrow(
+                "SELECT limit_value, thresholds FROM plan_features "
+                "WHERE plan = $1 AND feature_key = $2",
                 plan,
                 key,
             )
-            if thresholds_reached(value / unit, limit):
+            if override is not None:
+                limit, thresholds = override[0], override[1] or thresholds
+            if thresholds_reached(value / unit, limit, tuple(thresholds)):
                 expected.add(org)
     finally:
         await transaction.rollback()
     assert {r["org_id"] for r in rows} == expected
-    assert len(expected) == 5  # 800, 8, 0.001 of 0, 1,000,000 and 0.8 GB
+    assert len(expected) == 7  # 800, 8, 0.001 of 0, 1,000,000, 0.8 GB, 60 of 100, 900
     assert all(r["notified"] == 0 for r in rows)
+    assert {tuple(r["thresholds"]) for r in rows} == {(80, 100), (50, 150)}
 
 
 def test_notified_mask_decodes_in_the_order_of_the_thresholds() -> None:

@@ -7,7 +7,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from metering.api.dependencies import api_key, for_org
+from metering.api.dependencies import api_key, for_org, key_actor
 from metering.api.errors import ApiError
 from metering.api.schemas import ERRORS, OrgId
 from metering.api.state import state_of
@@ -22,11 +22,6 @@ EventId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-
 class CancelIn(BaseModel):
     model_config = {"extra": "forbid"}
     reason: str = Field(min_length=1, max_length=500, examples=["sent twice under a new id"])
-
-
-def key_actor(key: ApiKey) -> str:
-    """How an API key appears in the audit trail and on cancelled events."""
-    return f"key:{key.prefix}" + (f" ({key.name})" if key.name else "")
 
 
 def cancellation_document(org_id: Any, outcome: Cancellation) -> dict[str, Any]:

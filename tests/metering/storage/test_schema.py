@@ -15,8 +15,15 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
+from aggregator.limits import LimitUsage
 from aggregator.service import decide_crossings
-from aggregator.store import AggregateStore
+from aggregator.store import (
+    FINISH_PASS,
+    SNAPSHOT_AND_LOCK,
+    AggregateStore,
+    crossing_columns,
+    notified_set,
+)
 from metering.config import Settings
 from metering.models import EventType, UsageEvent
 from metering.storage.events import EventStore, IncomingEvent
@@ -116,11 +123,38 @@ async def _use_like_v0_1(dsn: str, settings: Settings) -> None:
                 )
             )
         await EventStore(pool).write_batch(events)
-        # a v0.1 aggregator's pass (today's Aggregator also backfills meters, which v0.1's
-        # schema does not have)
-        await AggregateStore(pool).run_pass(decide_crossings)
+        await _v0_1_pass(pool)
     finally:
         await pool.close()
+
+
+async def _v0_1_pass(pool: asyncpg.Pool) -> None:
+    """A pass as v0.1's aggregator ran it: its aggregation_pass took the thresholds (80,
+    100) and marked those recorded in a bit mask over them; today's reads each limit's own
+    (migration 020), so today's AggregateStore cannot run on v0.1's schema."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        bounds = await conn.fetchrow(SNAPSHOT_AND_LOCK, None)
+        assert bounds is not None
+        lower, upper = bounds["lower"], bounds["upper"]
+        applied = await conn.fetchrow(
+            "SELECT * FROM aggregation_pass($1, $2, $3)", lower, upper, [80, 100]
+        )
+        assert applied is not None
+        usages = [
+            LimitUsage(org, feature, period, start, Decimal(used), limit, notified_set(mask))
+            for org, feature, period, start, used, limit, mask in zip(
+                applied["limit_orgs"],
+                applied["limit_features"],
+                applied["limit_periods"],
+                applied["limit_starts"],
+                applied["limit_used"],
+                applied["limit_values"],
+                applied["limit_notified"],
+                strict=True,
+            )
+        ]
+        found = decide_crossings(usages)
+        await conn.fetch(FINISH_PASS, lower, upper, applied["events"], *crossing_columns(found))
 
 
 async def test_built_from_scratch_and_upgraded_from_v0_1_are_the_same_database(

@@ -80,6 +80,26 @@ def period_start(moment: datetime, period: str, zone: str) -> date:
     raise ValueError(f"period must be day or month, not {period!r}")
 
 
+def billing_cycle(anchor: date, day: date) -> tuple[date, date]:
+    """The billing cycle [start, end) holding local `day` for a subscription anchored on
+    `anchor` (contract section 8): from the anchor's day of month (the month's last day when
+    it has fewer) to that day of the next month. SQL: billing_cycle, 50_limits.sql."""
+
+    def anchored(month_first: date) -> date:
+        last = (add_months(month_first, 1) - timedelta(days=1)).day
+        return month_first.replace(day=min(anchor.day, last))
+
+    start = anchored(day.replace(day=1))
+    if day < start:
+        start = anchored(add_months(day, -1))
+    return start, anchored(add_months(start, 1))
+
+
+def cycle_of(moment: datetime, anchor: date, zone: str) -> tuple[date, date]:
+    """The cycle an instant falls in, in `zone` (DST-correct: a cycle is whole local days)."""
+    return billing_cycle(anchor, moment.astimezone(ZoneInfo(zone)).date())
+
+
 def value_of(kind: Kind, events: Iterable[Event]) -> Decimal:
     """The value of one period's events of one type (see the module's table)."""
     chosen = list(events)

@@ -33,6 +33,7 @@ class UsageRow(BaseModel):
     event_type: str
     period: str
     period_start: date
+    period_end: date | None = Field(default=None, description="cycle rows: the next start")
     value: str = Field(description="exact decimal as a string", examples=["1234"])
     event_count: int
     updated_at: str
@@ -70,6 +71,12 @@ class SubscriptionIn(BaseModel):
     timezone: str = Field(
         default="UTC", examples=["Europe/Berlin"], pattern=r"^[A-Za-z0-9_+/-]{1,64}$"
     )
+    billing_anchor: date | None = Field(
+        default=None,
+        examples=["2026-01-31"],
+        description="cycles run from this day of month (the last day of shorter months); "
+        "null: calendar months; left out: unchanged",
+    )
 
 
 class SubscriptionOut(BaseModel):
@@ -79,6 +86,7 @@ class SubscriptionOut(BaseModel):
     seats: int
     seats_in_use: int
     timezone: str
+    billing_anchor: date | None = None
     updated_at: str
 
 

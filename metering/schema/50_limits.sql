@@ -72,6 +72,121 @@ BEGIN
 END;
 $function$;
 
+-- The billing cycle holding local day `p_day` for an anchor (contract section 8): from the
+-- anchor's day of month (the month's last day when it has fewer days) to the same day of
+-- the next month. metering.calendar.billing_cycle is the same rule in Python.
+CREATE OR REPLACE FUNCTION public.anchored_day(p_anchor date, p_month date)
+ RETURNS date
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT (date_trunc('month', p_month)::date
+            + (least(extract(day FROM p_anchor)::int,
+                     extract(day FROM date_trunc('month', p_month)
+                                      + interval '1 month - 1 day')::int) - 1))
+$function$;
+
+CREATE OR REPLACE FUNCTION public.billing_cycle(p_anchor date, p_day date, OUT cycle_start date, OUT cycle_end date)
+ RETURNS record
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT s.start,
+           anchored_day(p_anchor, (date_trunc('month', s.start) + interval '1 month')::date)
+    FROM (SELECT CASE WHEN p_day >= anchored_day(p_anchor, p_day) THEN anchored_day(p_anchor, p_day)
+                      ELSE anchored_day(p_anchor, (date_trunc('month', p_day)
+                                                   - interval '1 month')::date)
+                 END AS start) s
+$function$;
+
+-- Usage of one org against one limit key in the cycle [p_start, p_end) (local days), read
+-- from the day rows as usage_for_limit reads the month's: what the meter with that
+-- `limit_key` counted, divided by its `limit_unit`; a `latest` reading persists (the latest
+-- day row before the cycle's end); distinct values are counted over the cycle's days.
+CREATE OR REPLACE FUNCTION public.usage_in_cycle(p_org_id uuid, p_feature_key text, p_start date, p_end date)
+ RETURNS numeric
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+    meter  record;
+    used   numeric;
+BEGIN
+    SELECT key, aggregation, limit_unit, builtin INTO meter
+    FROM meters WHERE limit_key = p_feature_key AND status <> 'archived';
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF meter.builtin THEN
+        IF meter.aggregation = 'latest' THEN
+            SELECT coalesce((SELECT value FROM usage_aggregations
+                             WHERE org_id = p_org_id AND event_type = meter.key
+                               AND period = 'day' AND period_start < p_end
+                             ORDER BY period_start DESC LIMIT 1), 0)
+            INTO used;
+        ELSIF meter.aggregation = 'unique_count' THEN
+            SELECT count(DISTINCT user_id) INTO used FROM usage_period_users
+            WHERE org_id = p_org_id AND event_type = meter.key AND period = 'day'
+              AND period_start >= p_start AND period_start < p_end;
+        ELSE
+            SELECT coalesce(sum(value), 0) INTO used FROM usage_aggregations
+            WHERE org_id = p_org_id AND event_type = meter.key AND period = 'day'
+              AND period_start >= p_start AND period_start < p_end;
+        END IF;
+    ELSIF meter.aggregation = 'latest' THEN
+        SELECT coalesce((SELECT value FROM meter_aggregations
+                         WHERE org_id = p_org_id AND meter_key = meter.key AND period = 'day'
+                           AND dimensions = '{}' AND period_start < p_end
+                         ORDER BY period_start DESC LIMIT 1), 0)
+        INTO used;
+    ELSIF meter.aggregation = 'unique_count' THEN
+        SELECT count(DISTINCT value) INTO used FROM meter_unique_values
+        WHERE org_id = p_org_id AND meter_key = meter.key AND period = 'day'
+          AND dimensions = '{}' AND period_start >= p_start AND period_start < p_end;
+    ELSE
+        SELECT coalesce(CASE WHEN meter.aggregation = 'max' THEN max(value) ELSE sum(value) END, 0)
+        INTO used FROM meter_aggregations
+        WHERE org_id = p_org_id AND meter_key = meter.key AND period = 'day'
+          AND dimensions = '{}' AND period_start >= p_start AND period_start < p_end;
+    END IF;
+    IF meter.limit_unit = 1 THEN
+        RETURN used;
+    END IF;
+    RETURN trim_scale(used / meter.limit_unit);
+END;
+$function$;
+
+-- The period a limit of an organization counts in on local day `p_day`: its billing cycle
+-- when it has an anchor and the limit is period-scoped, else the calendar month (lifetime
+-- limits: the month too, as usage_for_limit reads them); with the usage in it.
+CREATE OR REPLACE FUNCTION public.limit_period_usage(p_org_id uuid, p_feature_key text, p_day date, OUT period text, OUT period_start date, OUT period_end date, OUT used numeric)
+ RETURNS record
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+    anchor  date;
+    cycle   record;
+BEGIN
+    SELECT s.billing_anchor INTO anchor FROM org_subscriptions s WHERE s.org_id = p_org_id;
+    IF anchor IS NOT NULL AND EXISTS (
+        SELECT 1 FROM meters m WHERE m.limit_key = p_feature_key AND m.status <> 'archived'
+          AND m.limit_scope = 'period')
+    THEN
+        SELECT * INTO cycle FROM billing_cycle(anchor, p_day);
+        period := 'cycle';
+        period_start := cycle.cycle_start;
+        period_end := cycle.cycle_end;
+        used := usage_in_cycle(p_org_id, p_feature_key, period_start, period_end);
+        RETURN;
+    END IF;
+    period := 'month';
+    period_start := date_trunc('month', p_day)::date;
+    period_end := (period_start + interval '1 month')::date;
+    used := usage_for_limit(p_org_id, p_feature_key, period_start);
+END;
+$function$;
+
 -- Which limit applies to an organization's feature (contract section 8): its own override
 -- (org_limit_overrides) when it has one, else its plan's row (the free plan without a
 -- subscription). `limit_value` NULL: neither exists; -1: unlimited. The one definition,
@@ -102,7 +217,7 @@ DECLARE
     sub        record;
     feature    plan_features%ROWTYPE;
     lim        record;
-    month      date;
+    counted    record;
     used       numeric;
     remaining  numeric;
 BEGIN
@@ -119,14 +234,17 @@ BEGIN
                                   'flags', feature.flags, 'allowed', true);
     END IF;
     SELECT * INTO lim FROM effective_limit(p_org_id, p_feature_key);
-    month := date_trunc('month', now() AT TIME ZONE sub.timezone)::date;
+    SELECT * INTO counted
+    FROM limit_period_usage(p_org_id, p_feature_key, (now() AT TIME ZONE sub.timezone)::date);
     -- exact numbers: no trailing zeros of a division (7, not 7.0000000000000000)
-    used := trim_scale(usage_for_limit(p_org_id, p_feature_key, month));
+    used := trim_scale(counted.used);
     IF lim.limit_value = -1 THEN
         RETURN jsonb_build_object('feature_key', p_feature_key, 'plan', sub.plan, 'limit', -1,
                                   'unlimited', true, 'used', used, 'remaining', NULL,
                                   'requested', p_requested, 'allowed', true,
-                                  'period_start', month, 'soft', lim.soft,
+                                  'period', counted.period,
+                                  'period_start', counted.period_start,
+                                  'period_end', counted.period_end, 'soft', lim.soft,
                                   'source', lim.source);
     END IF;
     remaining := greatest(lim.limit_value - used, 0);
@@ -134,8 +252,9 @@ BEGIN
                               'limit', lim.limit_value, 'unlimited', false, 'used', used,
                               'remaining', remaining, 'requested', p_requested,
                               'allowed', lim.soft OR used + p_requested <= lim.limit_value,
-                              'period_start', month, 'soft', lim.soft, 'source', lim.source,
-                              'thresholds', to_jsonb(lim.thresholds))
+                              'period', counted.period, 'period_start', counted.period_start,
+                              'period_end', counted.period_end, 'soft', lim.soft,
+                              'source', lim.source, 'thresholds', to_jsonb(lim.thresholds))
            || CASE WHEN lim.soft
                    THEN jsonb_build_object('overage',
                                            greatest(used + p_requested - lim.limit_value, 0))

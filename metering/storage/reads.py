@@ -30,13 +30,21 @@ SELECT p.plan, p.rank, pf.feature_key, pf.limit_value, pf.flags
 FROM plans p JOIN plan_features pf USING (plan)
 ORDER BY p.rank, pf.feature_key
 """
+ANCHOR_BEFORE = "SELECT billing_anchor FROM org_subscriptions WHERE org_id = $1 FOR UPDATE"
+# $7 the billing anchor, set only when $8 (a PUT that leaves it out keeps it)
 UPSERT_SUBSCRIPTION = """
-INSERT INTO org_subscriptions AS s (org_id, plan, status, seats, seats_in_use, timezone)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO org_subscriptions AS s
+    (org_id, plan, status, seats, seats_in_use, timezone, billing_anchor)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (org_id) DO UPDATE
 SET plan = excluded.plan, status = excluded.status, seats = excluded.seats,
-    seats_in_use = excluded.seats_in_use, timezone = excluded.timezone
-RETURNING org_id, plan, status, seats, seats_in_use, timezone, updated_at
+    seats_in_use = excluded.seats_in_use, timezone = excluded.timezone,
+    billing_anchor = CASE WHEN $8 THEN excluded.billing_anchor ELSE s.billing_anchor END
+RETURNING org_id, plan, status, seats, seats_in_use, timezone, billing_anchor, updated_at
+"""
+RECORD_ANCHOR = """
+INSERT INTO audit_log (actor, action, org_id, details)
+VALUES ($1, 'subscription.billing_anchor', $2, $3::jsonb)
 """
 PLAN_EXISTS = "SELECT EXISTS (SELECT 1 FROM plans WHERE plan = $1)"
 ZONE_VALID = "SELECT is_valid_timezone($1)"
@@ -47,6 +55,12 @@ WHERE org_id = $1 AND period = $2
   AND ($3::date IS NULL OR period_start >= $3) AND ($4::date IS NULL OR period_start < $4)
   AND ($5::text IS NULL OR event_type = $5)
 ORDER BY period_start, event_type
+"""
+# cycles whose start is in [$3, $4) (default: those of the last year and the current one)
+USAGE_BY_CYCLE = """
+SELECT event_type, period, period_start, period_end, value, event_count, updated_at
+FROM usage_by_cycle($1, coalesce($2::date, (now() - interval '1 year')::date),
+                    coalesce($3::date, (now() + interval '1 day')::date), $4)
 """
 READER_CHECK = "SELECT reader_check_feature_access($1, $2, $3)"
 
@@ -101,6 +115,8 @@ class ReadStore:
         event_type: str | None,
     ) -> list[asyncpg.Record]:
         async with self._as_org(org_id) as conn:
+            if period == "cycle":
+                return list(await conn.fetch(USAGE_BY_CYCLE, org_id, start, end, event_type))
             return list(await conn.fetch(USAGE_ROWS, org_id, period, start, end, event_type))
 
     async def plans(self) -> list[asyncpg.Record]:
@@ -127,13 +143,47 @@ class SubscriptionStore:
             return bool(await conn.fetchval(ZONE_VALID, zone))
 
     async def put(
-        self, org_id: UUID, plan: str, status: str, seats: int, seats_in_use: int, timezone: str
+        self,
+        org_id: UUID,
+        plan: str,
+        status: str,
+        seats: int,
+        seats_in_use: int,
+        timezone: str,
+        billing_anchor: date | None = None,
+        *,
+        set_anchor: bool = False,
+        actor: str | None = None,
     ) -> asyncpg.Record:
-        async with self._pool.acquire() as conn:
+        """Create or replace the subscription (the billing anchor only when `set_anchor`);
+        a changed anchor is recorded in the audit trail by `actor`, in the same transaction.
+        Raises asyncpg.CheckViolationError for values out of range."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before: date | None = await conn.fetchval(ANCHOR_BEFORE, org_id)
             row = await conn.fetchrow(
-                UPSERT_SUBSCRIPTION, org_id, plan, status, seats, seats_in_use, timezone
+                UPSERT_SUBSCRIPTION,
+                org_id,
+                plan,
+                status,
+                seats,
+                seats_in_use,
+                timezone,
+                billing_anchor,
+                set_anchor,
             )
-        assert row is not None
+            assert row is not None
+            if row["billing_anchor"] != before:
+                await conn.execute(
+                    RECORD_ANCHOR,
+                    actor or "unknown",
+                    org_id,
+                    json.dumps(
+                        {
+                            "old": str(before) if before else None,
+                            "new": str(row["billing_anchor"]) if row["billing_anchor"] else None,
+                        }
+                    ),
+                )
         return row
 
 

@@ -5,7 +5,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import APIRouter, Depends, Request
 
-from metering.api.dependencies import for_org, scoped
+from metering.api.dependencies import for_org, key_actor, scoped
 from metering.api.errors import ApiError
 from metering.api.schemas import ERRORS, OrgId, SubscriptionIn, SubscriptionOut
 from metering.api.state import state_of
@@ -43,6 +43,9 @@ async def put_subscription(
             subscription.seats,
             subscription.seats_in_use,
             subscription.timezone,
+            subscription.billing_anchor,
+            set_anchor="billing_anchor" in subscription.model_fields_set,
+            actor=key_actor(key),
         )
     except asyncpg.CheckViolationError as error:
         raise ApiError(422, "invalid_subscription", str(error)) from None

@@ -31,7 +31,10 @@ async def usage(
     org_id: OrgId,
     request: Request,
     key: Annotated[ApiKey, Depends(scoped("read"))],
-    period: Literal["day", "month"] = "month",
+    period: Annotated[
+        Literal["day", "month", "cycle"],
+        Query(description="cycle: the organization's billing cycles (it needs an anchor)"),
+    ] = "month",
     from_: Annotated[
         date | None, Query(alias="from", description="first period start (date)")
     ] = None,
@@ -49,6 +52,7 @@ async def usage(
                 event_type=r["event_type"],
                 period=r["period"],
                 period_start=r["period_start"],
+                period_end=r.get("period_end"),
                 value=format(r["value"].normalize(), "f"),
                 event_count=r["event_count"],
                 updated_at=r["updated_at"].isoformat(),

@@ -1,6 +1,10 @@
 """HTTP API benchmarks, with the load generator in its own process (bench.api_load).
 
-    .venv/bin/python -m bench.api [--rate 1000] [--seconds 30] [--events 200000]
+    .venv/bin/python -m bench.api [--rate 1000] [--seconds 30] [--events 200000] [--shaped]
+
+With `--shaped`, limits shaped per organization (contract section 8): every organization
+has a billing anchor (so the check reads its cycle from up to 31 day rows, 40 days of them
+stored) and every third one an override (soft, four thresholds).
 
 1. Access check: GET /v1/orgs/{org}/features/max_api_calls_per_month at a fixed rate
    (open loop) over 1,000 organizations with aggregated usage; p50/p99 as the client saw them.
@@ -24,7 +28,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from bench.common import ROOT, fresh_environment, machine, start_metering
+from bench.common import ROOT, fresh_environment, machine, record_result, start_metering
 from metering.storage.keys import KeyStore
 
 SEED_USAGE = """
@@ -39,6 +43,18 @@ FROM org_subscriptions s;
 
 
 WARM_UP_EVENTS = 20_000
+
+SEED_SHAPED = """
+UPDATE org_subscriptions
+SET billing_anchor = (date_trunc('month', now()) + (abs(hashtext(org_id::text)) % 28)
+                      * interval '1 day')::date;
+INSERT INTO usage_aggregations (org_id, event_type, period, period_start, value, event_count)
+SELECT s.org_id, 'api_call', 'day', (now() - d * interval '1 day')::date, 20, 20
+FROM org_subscriptions s, generate_series(0, 39) d;
+INSERT INTO org_limit_overrides (org_id, feature_key, limit_value, soft, thresholds)
+SELECT org_id, 'max_api_calls_per_month', 200000, true, '{50,80,100,150}'
+FROM org_subscriptions WHERE abs(hashtext(org_id::text)) % 3 = 0;
+"""
 
 
 def run_load(mode: str, url: str, key: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -66,12 +82,16 @@ async def wait_for_events(conn: asyncpg.Connection, count: int) -> None:
         await asyncio.sleep(0.2)
 
 
-async def main(rate: int, seconds: float, events: int, workers: int) -> None:
+async def main(rate: int, seconds: float, events: int, workers: int, shaped: bool = False) -> None:
     settings = await fresh_environment("metering_bench_api")
     print(f"machine: {machine()}", flush=True)
     dsn = settings.database_url.get_secret_value()
     conn = await asyncpg.connect(dsn)
     await conn.execute(SEED_USAGE)
+    if shaped:
+        await conn.execute(SEED_SHAPED)
+        await conn.execute("ANALYZE")
+        print("limits shaped: every org anchored (cycles), a third with an override", flush=True)
     orgs = [str(r["org_id"]) for r in await conn.fetch("SELECT org_id FROM org_subscriptions")]
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     key, _ = await KeyStore(pool).create(["admin"], None, "bench")
@@ -111,6 +131,18 @@ async def main(rate: int, seconds: float, events: int, workers: int) -> None:
             f"p50 {check['p50_ms']:.2f} ms, p99 {check['p99_ms']:.2f} ms, max {check['max_ms']:.1f} ms, "
             f"statuses {check['statuses']}",
             flush=True,
+        )
+        record_result(
+            "api_access_check",
+            f"-m bench.api --rate {rate} --seconds {seconds:g}" + (" --shaped" if shaped else ""),
+            {
+                "shaped": shaped,
+                "rate": rate,
+                "achieved_rate": round(check["achieved_rate"]),
+                "p50_ms": round(check["p50_ms"], 2),
+                "p99_ms": round(check["p99_ms"], 2),
+                "statuses": check["statuses"],
+            },
         )
 
         consumer = start_metering(
@@ -170,5 +202,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--workers", type=int, default=1, help="metering serve --workers")
+    parser.add_argument("--shaped", action="store_true", help="anchors and overrides, see above")
     args = parser.parse_args()
-    asyncio.run(main(args.rate, args.seconds, args.events, args.workers))
+    asyncio.run(main(args.rate, args.seconds, args.events, args.workers, args.shaped))

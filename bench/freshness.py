@@ -1,10 +1,15 @@
 """Freshness and notification latency under a steady 5,000 events/s.
 
-    .venv/bin/python -m bench.freshness [--rate 5000] [--seconds 60] [--meters]
+    .venv/bin/python -m bench.freshness [--rate 5000] [--seconds 60] [--meters] [--webhooks]
 
 With `--meters`, 13 meters are created before the load on top of the 7 seeded ones (20
 active meters: every kind, 3 with one or two dimensions of 10-50 values, 2 with filters)
 and the load's events carry the metadata they read.
+
+With `--webhooks`, two endpoints take limit.crossed: a healthy receiver on loopback and one
+that accepts connections and never answers (every attempt times out after 10 s), and
+`metering webhooks deliver` runs; the webhook latency is, per probe, the time its 80%
+crossing reached the healthy receiver minus the probe's occurred_at.
 
 Starts `metering consume` and `metering aggregate`, runs `bench.load` in its own process,
 then measures, from the database and the limits topic:
@@ -24,10 +29,13 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import asyncpg
@@ -35,6 +43,8 @@ from aiokafka import AIOKafkaConsumer
 
 from bench.common import ROOT, fresh_environment, machine, record_result, start_metering
 from metering.topics import committed_reader
+from metering.webhooks.signing import new_secret
+from metering.webhooks.store import WebhookStore
 
 PERCENTILES = """
 WITH per_event AS (
@@ -106,7 +116,56 @@ async def create_meters(dsn: str) -> None:
         await pool.close()
 
 
-async def main(rate: int, seconds: float, meters: bool) -> None:
+class Receivers:
+    """A healthy webhook receiver (records when each 80% crossing arrived, by org) and one
+    that accepts connections and never answers, both on loopback."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                at = time.time()
+                message = json.loads(body)
+                if message["data"]["threshold_percent"] == 80:
+                    receiver.arrived.setdefault(message["data"]["org_id"], at)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                return
+
+        self.healthy = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.healthy.daemon_threads = True
+        threading.Thread(target=self.healthy.serve_forever, daemon=True).start()
+        self.silent = socket.socket()
+        self.silent.bind(("127.0.0.1", 0))
+        self.silent.listen(1024)  # accepted by the kernel, never read or answered
+
+    def urls(self) -> list[str]:
+        return [
+            f"http://127.0.0.1:{self.healthy.server_address[1]}/hook",
+            f"http://127.0.0.1:{self.silent.getsockname()[1]}/hook",
+        ]
+
+    def close(self) -> None:
+        self.healthy.shutdown()
+        self.silent.close()
+
+
+async def add_endpoints(dsn: str, urls: list[str]) -> None:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        store = WebhookStore(pool)
+        for url in urls:
+            await store.add_endpoint(url, None, ["limit.crossed"], "bench", new_secret(), "bench")
+    finally:
+        await pool.close()
+
+
+async def main(rate: int, seconds: float, meters: bool, webhooks: bool = False) -> None:
     settings = await fresh_environment("metering_bench_fresh")
     dsn = settings.database_url.get_secret_value()
     print(f"machine: {machine()}", flush=True)
@@ -118,6 +177,19 @@ async def main(rate: int, seconds: float, meters: bool) -> None:
     aggregator = start_metering(
         settings, "aggregate", "--metrics-port", "0", log=logs / "aggregate.log"
     )
+    receivers = Receivers() if webhooks else None
+    deliverer = None
+    if receivers is not None:
+        await add_endpoints(dsn, receivers.urls())
+        deliverer = start_metering(
+            settings.model_copy(update={"webhook_allow_private": True}),
+            "webhooks",
+            "deliver",
+            "--metrics-port",
+            "0",
+            log=logs / "webhooks.log",
+        )
+        print("2 webhook endpoints: one healthy, one that never answers", flush=True)
     await asyncio.sleep(5)  # both joined and idle
     reader = committed_reader(settings, settings.limits_topic)
     await reader.start()
@@ -209,10 +281,33 @@ async def main(rate: int, seconds: float, meters: bool) -> None:
         )
     else:
         print("notification latency: no probe crossing arrived")
+    hooked: list[float] = []
+    if receivers is not None:
+        end = time.monotonic() + 15
+        while time.monotonic() < end and len(receivers.arrived.keys() & probe_times.keys()) < len(
+            probes
+        ):
+            await asyncio.sleep(0.2)
+        hooked = [
+            receivers.arrived[org] - at
+            for org, at in probe_times.items()
+            if org in receivers.arrived
+        ]
+        if hooked:
+            print(
+                f"webhook latency (crossing event produced -> the healthy endpoint received it, "
+                f"the other one timing out meanwhile) over {len(hooked)} of {len(probes)} "
+                f"probes: p50 {percentile(hooked, 0.5) * 1000:.0f} ms, "
+                f"p99 {percentile(hooked, 0.99) * 1000:.0f} ms, max {max(hooked) * 1000:.0f} ms"
+            )
+        else:
+            print("webhook latency: no probe crossing reached the healthy endpoint")
+        receivers.close()
     record_result(
         "freshness",
         f"python -m bench.freshness --rate {rate} --seconds {seconds:g}"
-        + (" --meters" if meters else ""),
+        + (" --meters" if meters else "")
+        + (" --webhooks" if webhooks else ""),
         {
             "active_meters": 7 + (len(EXTRA_METERS) if meters else 0),
             "events": count,
@@ -223,12 +318,16 @@ async def main(rate: int, seconds: float, meters: bool) -> None:
             "probes": len(probes),
             "probes_received": len(received),
             "meters_caught_up_after_s": round(meters_lag) if meters_lag is not None else None,
+            "webhook_p50_ms": round(percentile(hooked, 0.5) * 1000) if hooked else None,
+            "webhook_p99_ms": round(percentile(hooked, 0.99) * 1000) if hooked else None,
+            "webhooks_received": len(hooked),
         },
     )
     await conn.close()
-    for process in (consumer, aggregator):
+    processes = [consumer, aggregator, *([deliverer] if deliverer is not None else [])]
+    for process in processes:
         process.send_signal(signal.SIGTERM)
-    for process in (consumer, aggregator):
+    for process in processes:
         process.wait(timeout=30)
 
 
@@ -239,5 +338,6 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--meters", action="store_true", help="20 active meters, see above")
+    parser.add_argument("--webhooks", action="store_true", help="two endpoints, see above")
     args = parser.parse_args()
-    asyncio.run(main(args.rate, args.seconds, args.meters))
+    asyncio.run(main(args.rate, args.seconds, args.meters, args.webhooks))

@@ -16,3 +16,7 @@ ALTER TABLE org_subscriptions ADD COLUMN billing_anchor date;
 ALTER TABLE limit_notifications DROP CONSTRAINT limit_notifications_period_check;
 ALTER TABLE limit_notifications ADD CONSTRAINT limit_notifications_period_check
     CHECK (period IN ('month', 'lifetime', 'cycle'));
+
+-- effective_limit (migration 020's definitions) became a table function, which the
+-- planner inlines: its return type changed.
+DROP FUNCTION IF EXISTS effective_limit(uuid, text);

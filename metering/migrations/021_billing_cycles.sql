@@ -17,6 +17,7 @@ ALTER TABLE limit_notifications DROP CONSTRAINT limit_notifications_period_check
 ALTER TABLE limit_notifications ADD CONSTRAINT limit_notifications_period_check
     CHECK (period IN ('month', 'lifetime', 'cycle'));
 
--- effective_limit (migration 020's definitions) became a table function, which the
--- planner inlines: its return type changed.
+-- effective_limit and billing_cycle became table functions, which the planner inlines:
+-- their return types changed.
 DROP FUNCTION IF EXISTS effective_limit(uuid, text);
+DROP FUNCTION IF EXISTS billing_cycle(date, date);

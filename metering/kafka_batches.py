@@ -22,7 +22,24 @@ from functools import partial
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from metering.config import Settings
 from metering.partitioner import OrgKeyPartitioner
+
+
+def events_producer(
+    settings: Settings, partitioner: OrgKeyPartitioner, *, linger_ms: int = 2
+) -> AIOKafkaProducer:
+    """A producer for the events topic, as the API and `metering import` publish: acks=all,
+    idempotent, record batches up to 512 KiB, partitioned by organization (`partitioner`,
+    which EventPublisher must be given too). Not started."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        max_batch_size=512 * 1024,
+        partitioner=partitioner,
+    )
 
 
 @dataclass(frozen=True)

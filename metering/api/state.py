@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from metering.api.observability import ApiMetrics
 from metering.config import Settings
 from metering.corrections.cancel import CancelStore
-from metering.kafka_batches import EventPublisher
+from metering.kafka_batches import EventPublisher, events_producer
 from metering.limits.overrides import OverrideStore
 from metering.meters.registry import AcceptedTypes
 from metering.meters.store import MeterStore
@@ -65,14 +65,7 @@ def lifespan_for(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await create_pool(settings, max_size=10)
         partitioner = OrgKeyPartitioner()
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            max_batch_size=512 * 1024,
-            partitioner=partitioner,
-        )
+        producer = events_producer(settings, partitioner)
         await producer.start()
         publisher = EventPublisher(producer, partitioner, settings.events_topic)
         stack = AsyncExitStack()

@@ -179,18 +179,7 @@ def audit(
         )
         if as_json:
             for e in entries:
-                click.echo(
-                    json.dumps(
-                        {
-                            "id": e.id,
-                            "at": e.at.isoformat(),
-                            "actor": e.actor,
-                            "action": e.action,
-                            "org_id": str(e.org_id) if e.org_id else None,
-                            "details": e.details,
-                        }
-                    )
-                )
+                click.echo(json.dumps(e.document()))
             return
         if not entries:
             click.echo("no entries", err=True)

@@ -50,7 +50,6 @@ def import_file(ctx: click.Context, file: Path, kind: str, batch_size: int, rest
 
     Exit status 0: every row published; 1: some rows rejected (the others published).
     """
-    from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
     from tqdm import tqdm
 
@@ -64,7 +63,7 @@ def import_file(ctx: click.Context, file: Path, kind: str, batch_size: int, rest
         open_text,
         validate,
     )
-    from metering.kafka_batches import EventPublisher
+    from metering.kafka_batches import EventPublisher, events_producer
     from metering.meters.registry import load_accepted_types
     from metering.models import utc_now
     from metering.partitioner import OrgKeyPartitioner
@@ -92,14 +91,7 @@ def import_file(ctx: click.Context, file: Path, kind: str, batch_size: int, rest
     async def run(pool: Any) -> FileImport:
         known = await load_accepted_types(pool)
         partitioner = OrgKeyPartitioner()
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_batch_size=512 * 1024,
-            partitioner=partitioner,
-        )
+        producer = events_producer(settings, partitioner, linger_ms=5)
         try:
             await producer.start()
         except KafkaError as error:

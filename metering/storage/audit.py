@@ -33,6 +33,17 @@ class AuditEntry:
     org_id: UUID | None
     details: dict[str, Any]
 
+    def document(self) -> dict[str, Any]:
+        """As the API and `metering audit --json` show it."""
+        return {
+            "id": self.id,
+            "at": self.at.isoformat(),
+            "actor": self.actor,
+            "action": self.action,
+            "org_id": str(self.org_id) if self.org_id else None,
+            "details": self.details,
+        }
+
 
 def cli_actor() -> str:
     """Who runs a command: the operating-system user, as 'cli:<user>'."""

@@ -103,16 +103,6 @@ async def audit_trail(
         since=since, action=action, org_id=org_id, limit=limit, before_id=before
     )
     return {
-        "entries": [
-            {
-                "id": e.id,
-                "at": e.at.isoformat(),
-                "actor": e.actor,
-                "action": e.action,
-                "org_id": str(e.org_id) if e.org_id else None,
-                "details": e.details,
-            }
-            for e in entries
-        ],
+        "entries": [e.document() for e in entries],
         "next_before": entries[-1].id if len(entries) == limit else None,
     }

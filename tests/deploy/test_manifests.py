@@ -14,7 +14,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from metering.api.app import ApiMetrics
-from metering.metrics import AggregatorMetrics, ConsumerMetrics
+from metering.metrics import AggregatorMetrics, ConsumerMetrics, WebhookMetrics
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -91,10 +91,11 @@ def test_consumer_never_exceeds_the_partitions_and_probes_are_wired() -> None:
 
 
 def exported_metric_names() -> set[str]:
-    registries = [CollectorRegistry() for _ in range(3)]  # one per process, as deployed
+    registries = [CollectorRegistry() for _ in range(4)]  # one per process, as deployed
     ConsumerMetrics(registries[0])
     AggregatorMetrics(registries[1])
     ApiMetrics(registries[2])
+    WebhookMetrics(registries[3])
     names = {"up"}
     for family in (f for registry in registries for f in registry.collect()):
         names.add(family.name)

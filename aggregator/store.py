@@ -247,7 +247,7 @@ def limit_usages(applied: asyncpg.Record) -> list[LimitUsage]:
         applied["limit_starts"],
         applied["limit_used"],
         applied["limit_values"],
-        applied["limit_thresholds"] or [[]] * len(applied["limit_orgs"]),
+        applied["limit_thresholds"],
         applied["limit_notified"],
         strict=True,
     ):

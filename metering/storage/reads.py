@@ -13,6 +13,8 @@ from uuid import UUID
 
 import asyncpg
 
+from metering.storage.audit import AuditLog
+
 # Every read runs in a transaction whose role is the read-only role and whose
 # metering.org_id setting is the organization the request is about: row-level security
 # then hides every other organization's rows, whatever the query.
@@ -41,10 +43,6 @@ SET plan = excluded.plan, status = excluded.status, seats = excluded.seats,
     seats_in_use = excluded.seats_in_use, timezone = excluded.timezone,
     billing_anchor = CASE WHEN $8 THEN excluded.billing_anchor ELSE s.billing_anchor END
 RETURNING org_id, plan, status, seats, seats_in_use, timezone, billing_anchor, updated_at
-"""
-RECORD_ANCHOR = """
-INSERT INTO audit_log (actor, action, org_id, details)
-VALUES ($1, 'subscription.billing_anchor', $2, $3::jsonb)
 """
 PLAN_EXISTS = "SELECT EXISTS (SELECT 1 FROM plans WHERE plan = $1)"
 ZONE_VALID = "SELECT is_valid_timezone($1)"
@@ -173,16 +171,15 @@ class SubscriptionStore:
             )
             assert row is not None
             if row["billing_anchor"] != before:
-                await conn.execute(
-                    RECORD_ANCHOR,
+                await AuditLog(self._pool).record(
                     actor or "unknown",
+                    "subscription.billing_anchor",
+                    {
+                        "old": str(before) if before else None,
+                        "new": str(row["billing_anchor"]) if row["billing_anchor"] else None,
+                    },
                     org_id,
-                    json.dumps(
-                        {
-                            "old": str(before) if before else None,
-                            "new": str(row["billing_anchor"]) if row["billing_anchor"] else None,
-                        }
-                    ),
+                    conn,
                 )
         return row
 

@@ -74,10 +74,26 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     webhook_allow_private: bool = False
 
+    # Usage pages (contract section 11): the browser origins that may call the read API
+    # with a portal token (CORS), comma-separated; none by default. And the Prometheus
+    # endpoints the operator overview (`GET /`) reads, comma-separated URLs; default the
+    # processes `metering run` starts next to the API (metrics port, +1, +2).
+    portal_origins: str = ""
+    overview_metrics_urls: str = ""
+
     events_partitions: int = Field(default=6, ge=1)
     dev_dir: Path = Path(".dev")
     dev_kafka_controller_port: int = 9093
     kafka_jars_dir: Path = Path.home() / ".cache" / "metering" / "kafka-4.1.1"
+
+    @property
+    def portal_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.portal_origins.split(",") if o.strip()]
+
+    @property
+    def overview_metrics_url_list(self) -> list[str]:
+        listed = [u.strip() for u in self.overview_metrics_urls.split(",") if u.strip()]
+        return listed or [f"http://127.0.0.1:{self.metrics_port + n}/metrics" for n in range(3)]
 
     @field_validator("lateness_window", "future_tolerance", mode="before")
     @classmethod
@@ -116,6 +132,8 @@ class Settings(BaseSettings):
             "HTTP_BODY_TIMEOUT_SECONDS": str(self.http_body_timeout_seconds),
             "WEBHOOK_TIMEOUT_SECONDS": str(self.webhook_timeout_seconds),
             "WEBHOOK_ALLOW_PRIVATE": str(self.webhook_allow_private).lower(),
+            "PORTAL_ORIGINS": self.portal_origins,
+            "OVERVIEW_METRICS_URLS": self.overview_metrics_urls,
         }
         return {f"METERING_{name}": value for name, value in values.items()}
 

@@ -6,6 +6,7 @@ Transport only: routes (`metering.api.routes`) parse and authorize, then call
 """
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 
 from metering.api.errors import install_error_handlers
@@ -17,6 +18,8 @@ from metering.api.routes import (
     limits,
     meters,
     operations,
+    pages,
+    portal,
     reads,
     webhooks,
 )
@@ -38,11 +41,33 @@ def create_app(settings: Settings) -> FastAPI:
         "Every /v1 call needs `Authorization: Bearer <key>` (see `metering keys create`).",
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.portal_origin_list:
+        # browsers of these origins may read with a portal token (contract section 11);
+        # none by default. Reads only: GET with an Authorization header, no cookies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.portal_origin_list,
+            allow_methods=["GET"],
+            allow_headers=["Authorization"],
+            allow_credentials=False,
+            max_age=600,
+        )
     install_error_handlers(app)
     # The routes themselves, not `include_router`: FastAPI 0.165 wraps an included router in
     # a matcher of its own (`_IncludedRouter`) that every request walks through, measured at
     # ~10% of the access check's CPU in the server (py-spy, alternated with 910033e).
-    for routes in (ingest, reads, admin, limits, meters, corrections, webhooks, operations):
+    for routes in (
+        ingest,
+        reads,
+        admin,
+        limits,
+        meters,
+        corrections,
+        webhooks,
+        portal,
+        operations,
+        pages,
+    ):
         app.router.routes.extend(routes.router.routes)
     return app
 

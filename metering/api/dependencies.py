@@ -1,4 +1,4 @@
-"""Who may call what: the bearer key, its scope, its organization."""
+"""Who may call what: the bearer key or portal token, its scope, its organization."""
 
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -8,7 +8,28 @@ from fastapi import Depends, Request
 
 from metering.api.errors import ApiError
 from metering.api.state import state_of
+from metering.portal.tokens import PORTAL_SCOPE, TOKEN_PREFIX, ExpiredPortalToken
 from metering.storage.keys import ApiKey
+
+
+async def credential(request: Request, presented: str) -> ApiKey:
+    """The API key or portal token `presented`; 401 when unknown, revoked or expired."""
+    state = state_of(request)
+    try:
+        if presented.startswith(f"{TOKEN_PREFIX}_"):
+            key = await state.portal_tokens.authenticate(presented)
+        else:
+            key = await state.keys.authenticate(presented)
+    except ExpiredPortalToken as error:
+        raise ApiError(
+            401,
+            "token_expired",
+            f"{error}; ask the application that gave it for a new one",
+            expired_at=error.expires_at.isoformat(),
+        ) from None
+    if key is None:
+        raise ApiError(401, "invalid_key", "the key is unknown or revoked")
+    return key
 
 
 async def api_key(request: Request) -> ApiKey:
@@ -17,19 +38,21 @@ async def api_key(request: Request) -> ApiKey:
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise ApiError(401, "unauthenticated", "send Authorization: Bearer <key>")
-    key = await state_of(request).keys.authenticate(presented.strip())
-    if key is None:
-        raise ApiError(401, "invalid_key", "the key is unknown or revoked")
-    return key
+    return await credential(request, presented.strip())
 
 
-def scoped(scope: str) -> Callable[..., Awaitable[ApiKey]]:
-    """A dependency requiring a key with `scope` (403 otherwise)."""
+def scoped(scope: str, portal: bool = False) -> Callable[..., Awaitable[ApiKey]]:
+    """A dependency requiring a key with `scope` (403 otherwise); with `portal`, a portal
+    token is accepted too (the routes that read one organization's usage)."""
 
     async def dependency(key: Annotated[ApiKey, Depends(api_key)]) -> ApiKey:
-        if not key.allows(scope):
-            raise ApiError(403, "missing_scope", f"this key lacks the {scope!r} scope")
-        return key
+        if key.allows(scope) or (portal and PORTAL_SCOPE in key.scopes):
+            return key
+        if PORTAL_SCOPE in key.scopes:
+            raise ApiError(
+                403, "portal_token", "a portal token only reads its organization's usage"
+            )
+        raise ApiError(403, "missing_scope", f"this key lacks the {scope!r} scope")
 
     return dependency
 
@@ -38,6 +61,14 @@ def for_org(key: ApiKey, org_id: UUID) -> None:
     """403 unless `key` may act for `org_id` (a key bound to one org may not for others)."""
     if not key.may_access(org_id):
         raise ApiError(403, "other_organization", "this key is bound to another organization")
+
+
+def for_meter(key: ApiKey, meter_key: str) -> None:
+    """403 unless `key` may read `meter_key` (a portal token limited to other meters)."""
+    if not key.may_read_meter(meter_key):
+        raise ApiError(
+            403, "meter_not_allowed", f"this portal token does not read the meter {meter_key!r}"
+        )
 
 
 def key_actor(key: ApiKey) -> str:

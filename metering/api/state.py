@@ -14,13 +14,16 @@ from metering.api.observability import ApiMetrics
 from metering.config import Settings
 from metering.corrections.cancel import CancelStore
 from metering.kafka_batches import EventPublisher, events_producer
+from metering.limits.crossings import CrossingStore
 from metering.limits.overrides import OverrideStore
 from metering.meters.registry import AcceptedTypes
 from metering.meters.store import MeterStore
 from metering.meters.usage_store import MeterUsageStore
 from metering.partitioner import OrgKeyPartitioner
+from metering.portal.overview import MetricsSampler
+from metering.portal.tokens import PortalTokenStore
 from metering.storage.audit import AuditLog
-from metering.storage.keys import KeyStore
+from metering.storage.keys import ApiKey, KeyStore
 from metering.storage.pool import create_pool
 from metering.storage.reads import ReadStore, SubscriptionStore
 from metering.webhooks.store import WebhookStore
@@ -50,9 +53,23 @@ class AppState:
     cancels: CancelStore
     webhooks: WebhookStore
     overrides: OverrideStore
+    portal_tokens: PortalTokenStore
+    crossings: CrossingStore
+    sampler: MetricsSampler
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
     )
+
+    async def hidden_features(self, key: ApiKey) -> frozenset[str]:
+        """The limits `key` may not see: those counted by a meter it may not read (only a
+        portal token with a list of meters has any)."""
+        if key.meters is None:
+            return frozenset()
+        return frozenset(
+            m.row["limit_key"]
+            for m in await self.meters.list()
+            if m.row["limit_key"] is not None and not key.may_read_meter(m.key)
+        )
 
 
 def lifespan_for(
@@ -74,6 +91,9 @@ def lifespan_for(
         keys = await stack.enter_async_context(
             KeyStore(pool).following_revocations(settings.database_url.get_secret_value())
         )
+        sampler = await stack.enter_async_context(
+            MetricsSampler(settings.overview_metrics_url_list).running()
+        )
         app.state.metering = AppState(
             settings=settings,
             registry=registry,
@@ -91,6 +111,9 @@ def lifespan_for(
             cancels=CancelStore(pool, audit, settings.lateness_window),
             webhooks=WebhookStore(pool),
             overrides=OverrideStore(pool, audit),
+            portal_tokens=PortalTokenStore(pool, audit),
+            crossings=CrossingStore(pool),
+            sampler=sampler,
         )
         try:
             yield

@@ -2,7 +2,8 @@
 
 Commands by concern: `dev` (local services, migrate), `services` (the processes of the
 service), `data` (usage, checks, recomputation, retention), `meters`, `corrections` (cancel,
-audit), `dead_letters` (dlq), `imports`, `limits`, `webhooks`, `admin` (API keys);
+audit), `dead_letters` (dlq), `imports`, `limits`, `webhooks`, `portal` (usage page links),
+`admin` (API keys);
 `common` holds the root group and what they share.
 """
 
@@ -15,6 +16,7 @@ from metering.cli import (  # noqa: F401  (each registers its commands)
     imports,
     limits,
     meters,
+    portal,
     services,
     webhooks,
 )

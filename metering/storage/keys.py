@@ -44,6 +44,10 @@ class ApiKey:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    # a portal token (metering/portal/tokens.py) has the one scope `portal`, one org, an
+    # expiry and, optionally, the only meters it may read
+    meters: frozenset[str] | None = None
+    expires_at: datetime | None = None
 
     def allows(self, scope: str) -> bool:
         """`admin` may do everything; otherwise the scope must be granted."""
@@ -51,6 +55,11 @@ class ApiKey:
 
     def may_access(self, org_id: uuid.UUID) -> bool:
         return self.org_id is None or self.org_id == org_id
+
+    def may_read_meter(self, meter_key: str) -> bool:
+        """Whether this credential may read `meter_key` (only a portal token with a list of
+        meters may not read the others)."""
+        return self.meters is None or meter_key in self.meters
 
 
 def _hash(secret: str) -> bytes:

@@ -61,6 +61,24 @@ FROM usage_by_cycle($1, coalesce($2::date, (now() - interval '1 year')::date),
                     coalesce($3::date, (now() + interval '1 day')::date), $4)
 """
 READER_CHECK = "SELECT reader_check_feature_access($1, $2, $3)"
+# The organization's plan, zone and anchor, and its current period in its zone: the billing
+# cycle holding today with an anchor (billing_cycle, metering/schema/50_limits.sql), else
+# the calendar month. An organization without a subscription: the free plan, UTC.
+CURRENT_PERIOD = """
+SELECT coalesce(s.plan, 'free') AS plan, coalesce(s.timezone, 'UTC') AS timezone,
+       s.billing_anchor, t.today, c.start, c.stop
+FROM (SELECT $1::uuid AS org_id) o
+LEFT JOIN org_subscriptions s USING (org_id)
+CROSS JOIN LATERAL (SELECT (now() AT TIME ZONE coalesce(s.timezone, 'UTC'))::date AS today) t
+CROSS JOIN LATERAL (
+    SELECT b.cycle_start AS start, b.cycle_end AS stop
+    FROM billing_cycle(s.billing_anchor, t.today) b WHERE s.billing_anchor IS NOT NULL
+    UNION ALL
+    SELECT date_trunc('month', t.today)::date,
+           (date_trunc('month', t.today) + interval '1 month')::date
+    WHERE s.billing_anchor IS NULL
+) c
+"""
 
 
 @asynccontextmanager
@@ -98,11 +116,21 @@ class ReadStore:
         raw = await self.check_json(org_id, feature_key, requested)
         return None if raw is None else exact_json(raw)
 
-    async def entitlements_json(self, org_id: UUID) -> list[str]:
-        """Every feature's access check (as `check_json`) for the org's plan."""
+    async def entitlements_json(
+        self, org_id: UUID, hidden: frozenset[str] = frozenset()
+    ) -> list[str]:
+        """Every feature's access check (as `check_json`) for the org's plan, but none of
+        `hidden` (the limits of meters a portal token may not read)."""
         async with self._as_org(org_id) as conn:
             rows = await conn.fetch(ENTITLEMENTS, org_id)
-        return [r["access"] for r in rows]
+        return [r["access"] for r in rows if r["feature_key"] not in hidden]
+
+    async def current_period(self, org_id: UUID) -> asyncpg.Record:
+        """plan, timezone, billing_anchor, today, and the current period [start, stop)."""
+        async with self._as_org(org_id) as conn:
+            row = await conn.fetchrow(CURRENT_PERIOD, org_id)
+        assert row is not None
+        return row
 
     async def usage(
         self,

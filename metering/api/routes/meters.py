@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from metering.api.dependencies import for_org, scoped
+from metering.api.dependencies import for_meter, for_org, scoped
 from metering.api.errors import ApiError
 from metering.api.schemas import ERRORS, OrgId
 from metering.api.state import state_of
@@ -66,17 +66,20 @@ async def create_meter(
 
 @router.get("/v1/meters", responses=ERRORS, tags=["meters"])
 async def list_meters(
-    request: Request, _: Annotated[ApiKey, Depends(scoped("read"))]
+    request: Request, key: Annotated[ApiKey, Depends(scoped("read", portal=True))]
 ) -> dict[str, Any]:
     meters = await state_of(request).meters.list()
-    return {"meters": [m.document() for m in meters]}
+    return {"meters": [m.document() for m in meters if key.may_read_meter(m.key)]}
 
 
 @router.get("/v1/meters/{meter_key}", responses=ERRORS, tags=["meters"])
 async def show_meter(
-    request: Request, meter_key: MeterKey, _: Annotated[ApiKey, Depends(scoped("read"))]
+    request: Request,
+    meter_key: MeterKey,
+    key: Annotated[ApiKey, Depends(scoped("read", portal=True))],
 ) -> dict[str, Any]:
     """One meter, with its backfill's progress."""
+    for_meter(key, meter_key)
     try:
         return (await state_of(request).meters.get(meter_key)).document()
     except MeterNotFound as error:
@@ -124,7 +127,7 @@ async def meter_usage(
     org_id: OrgId,
     meter_key: MeterKey,
     request: Request,
-    key: Annotated[ApiKey, Depends(scoped("read"))],
+    key: Annotated[ApiKey, Depends(scoped("read", portal=True))],
     window: Literal["hour", "day", "month"] = "day",
     from_: Annotated[
         str | None,
@@ -147,6 +150,7 @@ async def meter_usage(
     other zones are computed from raw events, over at most 7 days (hour) or 31 days."""
     state = state_of(request)
     for_org(key, org_id)
+    for_meter(key, meter_key)
     filters = {
         name[len("filter[") : -1]: value
         for name, value in request.query_params.items()

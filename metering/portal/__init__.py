@@ -1,0 +1,1 @@
+"""Portal tokens and the usage pages' view of an organization (contract section 11)."""

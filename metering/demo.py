@@ -10,6 +10,7 @@ import random
 import sys
 import time
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -17,6 +18,8 @@ from aiokafka import AIOKafkaConsumer
 
 from metering.client import UsageClient
 from metering.config import Settings
+from metering.portal.tokens import PortalTokenStore
+from metering.storage.audit import AuditLog
 from metering.storage.reads import ReadStore, SubscriptionStore
 from metering.topics import committed_reader
 
@@ -71,12 +74,19 @@ async def publish_samples(settings: Settings, seconds: float = 60) -> None:
             f"allowed={before['allowed']}"
         )
         await _traffic(settings, store, limits, seconds)
+        page = await PortalTokenStore(pool, AuditLog(pool)).issue(
+            free, None, timedelta(hours=8), created_by="demo"
+        )
         say(
             "done. Look at the rows with:\n"
             f"  psql {dsn} -c '{LOOK_AT_ROWS}'\n"
             f"  .venv/bin/metering usage {free}\n"
             f"  .venv/bin/metering check {free} max_api_calls_per_month\n"
             f"  curl -s localhost:{settings.metrics_port}/metrics | grep ^metering_events\n"
+            "or in a browser, the free org's usage page (a portal token for 8 hours):\n"
+            f"  http://127.0.0.1:{settings.http_port}/orgs/{free}?token={page.token}\n"
+            f"  and the operator overview http://127.0.0.1:{settings.http_port}/ (sign in with "
+            "a key of `.venv/bin/metering keys create --scope admin`)\n"
             "Press Ctrl-C to stop the service."
         )
     finally:

@@ -214,3 +214,32 @@ async def test_a_token_reads_only_its_org_and_meters(  # type: ignore[no-untyped
     assert driver.find_elements(By.CSS_SELECTOR, "tr.entitlement") == []
     driver.get(f"{server.url}/orgs/{history.org}?token=mp_unknown_token")
     assert "unknown" in driver.find_element(By.ID, "message").text
+
+
+async def test_the_overview_after_signing_in(  # type: ignore[no-untyped-def]
+    server: Server, make_key, history: History, chromium: Browser
+) -> None:
+    """An operator opens `/`, signs in with an admin key in the form, and sees the
+    overview; the organizations nearest their limits link to their pages."""
+    admin = await make_key("admin")
+    driver: Any = chromium.driver
+    driver.delete_all_cookies()
+    driver.set_window_size(1280, 900)
+    driver.get(f"{server.url}/")
+    severe_console_entries(chromium)  # the 401 of the sign-in page itself
+    driver.find_element(By.NAME, "key").send_keys(admin)
+    driver.find_element(By.CSS_SELECTOR, "form.signin button").click()
+    assert driver.find_element(By.ID, "ingestion")
+    assert driver.find_element(By.ID, "dead-letters")
+    assert driver.find_element(By.ID, "aggregation")
+    assert driver.find_element(By.ID, "webhooks")
+    near = driver.find_elements(By.CSS_SELECTOR, f'tr.near-limit[data-org="{history.org}"]')
+    assert len(near) == 1
+    assert near[0].get_attribute("data-feature") == "max_ai_tokens_per_month"  # 132%
+    assert severe_console_entries(chromium) == []
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, min(int(height) + 40, 4000))
+    chromium.save("overview")
+    near[0].find_element(By.TAG_NAME, "a").click()  # the cookie opens the org's page too
+    assert driver.find_element(By.ID, "org-id").text == str(history.org)
+    driver.delete_all_cookies()

@@ -7,13 +7,15 @@
    values), model (20), region (10) and a user id (500 values), plus ai tokens and records.
    20 meters: the 7 seeded ones and 13 defined over `api_call` (every aggregation kind, with
    and without `group_by`). Aggregated before the load.
-2. `metering serve`, and an open loop of `--rate` requests/s of `GET /orgs/{org}` for
-   `--seconds`, `--runs` times (a read key of the org in the Authorization header): latency
-   from each request's due time, as the client sees it (bench.meter_usage.open_loop), and
-   the server's CPU per page.
+2. `metering serve`: the time of a page built for its request (requests 1.1 s apart: the
+   page of an org is built at most once a second, metering/portal/page_cache.py), then an
+   open loop of `--rate` requests/s of `GET /orgs/{org}` for `--seconds`, `--runs` times (a
+   read key of the org in the Authorization header): latency from each request's due time,
+   as the client sees it (bench.meter_usage.open_loop), and the server's CPU per request.
 3. Debian's Chromium (headless, through chromedriver) loads the page 10 times: time to the
-   first contentful paint (the charts are SVG in the HTML: they are drawn with it) and to
-   the load event, from the navigation's start.
+   response's end, to the parsed document (the charts are SVG in the HTML: no script draws
+   them) and to the load event (stylesheet applied, page rendered), from the navigation's
+   start.
 
 Appends the figures to bench/results.jsonl.
 """
@@ -110,19 +112,18 @@ def browser_timings(url: str, loads: int) -> dict[str, float]:
             driver.get(url)
             timing = driver.execute_script(
                 "const n = performance.getEntriesByType('navigation')[0];"
-                "const p = performance.getEntriesByName('first-contentful-paint')[0];"
-                "return [n.responseEnd, n.loadEventEnd, p ? p.startTime : null,"
+                "return [n.responseEnd, n.loadEventEnd, n.domContentLoadedEventEnd,"
                 " document.querySelectorAll('svg.chart rect.bar').length];"
             )
             response.append(timing[0])
             loaded.append(timing[1])
-            paint.append(timing[2] if timing[2] is not None else float("nan"))
+            paint.append(timing[2])
             assert timing[3] > 0, "no chart bar on the page"
     finally:
         driver.quit()
     return {
         "response_end_ms": round(statistics.median(response[1:]), 1),
-        "first_contentful_paint_ms": round(statistics.median(paint[1:]), 1),
+        "dom_content_loaded_ms": round(statistics.median(paint[1:]), 1),
         "load_event_ms": round(statistics.median(loaded[1:]), 1),
     }
 
@@ -187,13 +188,16 @@ async def main(events: int, rate: int, seconds: float, runs: int) -> None:
             print(f"page: {len(first.content) / 1024:.0f} KiB, {charts} charts", flush=True)
             figures["page_kib"] = round(len(first.content) / 1024, 1)
             figures["charts"] = charts
-            singles = []
-            for _ in range(20):
+            # a page is built at most once a second per org (metering/portal/page_cache.py):
+            # requests 1.1 s apart each build it, which is what a page of a new org costs
+            builds = []
+            for _ in range(10):
+                await asyncio.sleep(1.1)
                 began = time.perf_counter()
                 await client.get(path)
-                singles.append(time.perf_counter() - began)
-            figures["single_ms"] = round(statistics.median(singles) * 1000, 1)
-            print(f"one request alone: median {figures['single_ms']} ms", flush=True)
+                builds.append(time.perf_counter() - began)
+            figures["built_page_ms"] = round(statistics.median(builds) * 1000, 1)
+            print(f"a page built for the request: median {figures['built_page_ms']} ms", flush=True)
         process = psutil.Process(server.pid)
         series = []
         for run in range(runs):
@@ -205,7 +209,7 @@ async def main(events: int, rate: int, seconds: float, runs: int) -> None:
                 "p99_ms": round(pct(latencies, 0.99), 1),
                 "max_ms": round(max(latencies) * 1000, 1),
                 "errors": errors,
-                "server_cpu_ms_per_page": round(cpu / len(latencies) * 1000, 1),
+                "server_cpu_ms_per_request": round(cpu / len(latencies) * 1000, 1),
             }
             series.append(result)
             print(f"run {run + 1}: at {rate}/s for {seconds:.0f} s: {result}", flush=True)

@@ -21,6 +21,7 @@ from metering.meters.store import MeterStore
 from metering.meters.usage_store import MeterUsageStore
 from metering.partitioner import OrgKeyPartitioner
 from metering.portal.overview import MetricsSampler
+from metering.portal.page_cache import PageCache
 from metering.portal.tokens import PortalTokenStore
 from metering.storage.audit import AuditLog
 from metering.storage.keys import ApiKey, KeyStore
@@ -56,6 +57,7 @@ class AppState:
     portal_tokens: PortalTokenStore
     crossings: CrossingStore
     sampler: MetricsSampler
+    pages: PageCache
     parsing: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(PARALLEL_LARGE_BODIES)
     )
@@ -114,6 +116,7 @@ def lifespan_for(
             portal_tokens=PortalTokenStore(pool, audit),
             crossings=CrossingStore(pool),
             sampler=sampler,
+            pages=PageCache(),
         )
         try:
             yield

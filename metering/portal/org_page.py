@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 from metering.limits.crossings import Crossing, CrossingStore
@@ -24,9 +23,6 @@ from metering.storage.keys import ApiKey
 from metering.storage.reads import ReadStore, exact_json
 
 RECENT_CROSSINGS = 10
-# usage queries of one page running at once: a page never takes the whole pool
-PAGE_CONCURRENCY = 3
-T = TypeVar("T")
 
 
 def running_totals(aggregation: str, values: list[tuple[date, Decimal]]) -> list[Decimal] | None:
@@ -164,11 +160,6 @@ class OrgPage:
         return moment.astimezone(ZoneInfo(self.timezone)).strftime("%Y-%m-%d %H:%M")
 
 
-async def _bounded(limit: asyncio.Semaphore, work: Awaitable[T]) -> T:
-    async with limit:
-        return await work
-
-
 class OrgPageBuilder:
     def __init__(
         self,
@@ -194,7 +185,6 @@ class OrgPageBuilder:
             for m in meters
             if m.row["limit_key"] is not None and not key.may_read_meter(m.key)
         )
-        limit = asyncio.Semaphore(PAGE_CONCURRENCY)
         entitlement_texts, crossings = await asyncio.gather(
             self._reads.entitlements_json(org_id, hidden),
             self._crossings.recent(org_id, RECENT_CROSSINGS, hidden),
@@ -213,114 +203,101 @@ class OrgPageBuilder:
             )
             entitlements.append(EntitlementView(feature, access, scope))
         by_feature = {e.feature_key: e for e in entitlements}
-        views = await asyncio.gather(
-            *(_bounded(limit, self._meter_view(org_id, m, by_feature, period, now)) for m in shown)
+        start: date = period["start"]
+        end: date = period["stop"]
+        queries: list[tuple[str, list[str]]] = []
+        for meter in shown:
+            queries.append((meter.key, []))
+            if meter.row["group_by"]:
+                queries.append((meter.key, list(meter.row["group_by"])))
+        answers = iter(
+            await self._usage.day_usage_many(
+                org_id, queries, start.isoformat(), end.isoformat(), now
+            )
         )
+        views = []
+        for meter in shown:
+            totals = next(answers)
+            grouped = next(answers) if meter.row["group_by"] else None
+            entitlement = by_feature.get(meter.row["limit_key"] or "")
+            views.append(meter_view(meter, entitlement, start, end, totals, grouped))
         return OrgPage(
             org_id=org_id,
             plan=period["plan"],
             timezone=period["timezone"],
             billing_anchor=period["billing_anchor"],
             today=period["today"],
-            period_start=period["start"],
-            period_end=period["stop"],
+            period_start=start,
+            period_end=end,
             entitlements=entitlements,
-            meters=list(views),
+            meters=views,
             crossings=crossings,
             generated_at=now,
         )
 
-    async def _meter_view(
-        self,
-        org_id: UUID,
-        meter: Meter,
-        by_feature: dict[str, EntitlementView],
-        period: Any,
-        now: datetime,
-    ) -> MeterView:
-        entitlement = by_feature.get(meter.row["limit_key"] or "")
-        start: date = period["start"]
-        end: date = period["stop"]
-        if entitlement is not None and entitlement.scope in ("cycle", "month"):
-            start = date.fromisoformat(entitlement.access["period_start"])
-            end = date.fromisoformat(entitlement.access["period_end"])
-        totals = await self._day_usage(org_id, meter.key, start, end, [], now)
-        per_day = [(r.start.astimezone(totals.windows.zone).date(), r.value) for r in totals.rows]
-        aggregation = meter.row["aggregation"]
-        running = (
-            running_totals(aggregation, per_day)
-            if entitlement is not None and entitlement.scope != "lifetime"
-            else None
-        )
-        unit = Decimal(meter.row["limit_unit"])
-        limit_in_meter_units = (
-            None if entitlement is None or entitlement.limit is None else entitlement.limit * unit
-        )
-        chart = day_chart(
-            days_of(start, end),
-            dict(per_day),
-            None if running is None else list(zip([d for d, _ in per_day], running, strict=True)),
-            limit_in_meter_units,
-        )
-        breakdown: list[BreakdownRow] = []
-        label = ""
-        group_by = list(meter.row["group_by"])
-        if group_by:
-            grouped = await self._day_usage(org_id, meter.key, start, end, group_by, now)
-            series: dict[str, list[Decimal]] = {}
-            for r in grouped.rows:
-                series.setdefault(r.dimensions, []).append(r.value)
-            if aggregation == "unique_count":
-                label = "on its busiest day"
-                values = {dims: max(vals) for dims, vals in series.items()}
-            else:
-                label = "this period"
-                values = {
-                    dims: value
-                    for dims, vals in series.items()
-                    if (value := combined(aggregation, vals)) is not None
-                }
-            largest = max(values.values(), default=Decimal(0))
-            breakdown = [
-                BreakdownRow(
-                    json.loads(dims),
-                    value,
-                    0.0 if largest <= 0 else float(value / largest * 100),
-                )
-                for dims, value in sorted(values.items(), key=lambda item: -item[1])
-            ]
-        return MeterView(
-            meter=meter,
-            period_start=start,
-            period_end=end,
-            chart=chart,
-            entitlement=entitlement,
-            total=combined(aggregation, [v for _, v in per_day]),
-            breakdown=breakdown,
-            breakdown_label=label,
-            complete=totals.status != "backfilling",
-        )
 
-    async def _day_usage(
-        self,
-        org_id: UUID,
-        meter_key: str,
-        start: date,
-        end: date,
-        group_by: list[str],
-        now: datetime,
-    ) -> UsageAnswer:
-        return await self._usage.usage(
-            org_id,
-            meter_key,
-            window="day",
-            tz=None,
-            start=start.isoformat(),
-            end=end.isoformat(),
-            group_by=group_by,
-            filters={},
-            now=now,
-        )
+def meter_view(
+    meter: Meter,
+    entitlement: EntitlementView | None,
+    start: date,
+    end: date,
+    totals: UsageAnswer,
+    grouped: UsageAnswer | None,
+) -> MeterView:
+    """One meter's card from the API's answers: its day totals over [start, end) and, for
+    a meter with dimensions, the same by its `group_by`. The period is the organization's
+    (its billing cycle or calendar month): a period-scoped limit counts in the same one."""
+    per_day = [(r.start.astimezone(totals.windows.zone).date(), r.value) for r in totals.rows]
+    aggregation = meter.row["aggregation"]
+    running = (
+        running_totals(aggregation, per_day)
+        if entitlement is not None and entitlement.scope != "lifetime"
+        else None
+    )
+    unit = Decimal(meter.row["limit_unit"])
+    limit_in_meter_units = (
+        None if entitlement is None or entitlement.limit is None else entitlement.limit * unit
+    )
+    chart = day_chart(
+        days_of(start, end),
+        dict(per_day),
+        None if running is None else list(zip([d for d, _ in per_day], running, strict=True)),
+        limit_in_meter_units,
+    )
+    breakdown: list[BreakdownRow] = []
+    label = ""
+    if grouped is not None:
+        series: dict[str, list[Decimal]] = {}
+        for r in grouped.rows:
+            series.setdefault(r.dimensions, []).append(r.value)
+        if aggregation == "unique_count":
+            label = "on its busiest day"
+            values = {dims: max(vals) for dims, vals in series.items()}
+        else:
+            label = "this period"
+            values = {
+                dims: value
+                for dims, vals in series.items()
+                if (value := combined(aggregation, vals)) is not None
+            }
+        largest = max(values.values(), default=Decimal(0))
+        breakdown = [
+            BreakdownRow(
+                json.loads(dims), value, 0.0 if largest <= 0 else float(value / largest * 100)
+            )
+            for dims, value in sorted(values.items(), key=lambda item: -item[1])
+        ]
+    return MeterView(
+        meter=meter,
+        period_start=start,
+        period_end=end,
+        chart=chart,
+        entitlement=entitlement,
+        total=combined(aggregation, [v for _, v in per_day]),
+        breakdown=breakdown,
+        breakdown_label=label,
+        complete=totals.status != "backfilling",
+    )
 
 
 __all__ = ["OrgPage", "OrgPageBuilder", "readable"]

@@ -159,3 +159,40 @@ def test_figures_from_two_scrapes() -> None:
     alone = figures(newer, None)
     assert alone.stored_per_second is None and alone.window_seconds is None
     assert alone.dead_letters["not_json"] == (5.0, None)
+
+
+async def test_page_cache_builds_once_per_second_and_refreshes_behind() -> None:
+    import asyncio
+
+    from metering.portal.page_cache import PageCache
+
+    cache = PageCache(seconds=0.3, stale=1.0)
+    builds = 0
+
+    async def build() -> str:
+        nonlocal builds
+        builds += 1
+        await asyncio.sleep(0.05)
+        return f"page {builds}"
+
+    # ten requests at once: one build, ten answers
+    pages = await asyncio.gather(*(cache.get("a", build) for _ in range(10)))
+    assert pages == ["page 1"] * 10 and builds == 1
+    assert await cache.get("b", build) == "page 2"  # another key: its own build
+    assert await cache.get("a", build) == "page 1"
+    await asyncio.sleep(0.35)
+    # older than `seconds`: answered at once with the page it had, its successor built behind
+    assert await cache.get("a", build) == "page 1"
+    assert await cache.get("a", build) == "page 1"
+    await asyncio.sleep(0.1)
+    assert await cache.get("a", build) == "page 3" and builds == 3
+    await asyncio.sleep(1.1)  # older than `stale`: built for the request
+    assert await cache.get("a", build) == "page 4"
+
+    async def broken() -> str:
+        raise RuntimeError("database down")
+
+    await asyncio.sleep(1.1)
+    with pytest.raises(RuntimeError):
+        await cache.get("a", broken)
+    assert await cache.get("a", build) == "page 5"  # the failure was not kept

@@ -93,9 +93,13 @@ async def org_page(request: Request, org_id: Annotated[str, Path(max_length=64)]
         return _message(
             state, 403, "Not allowed", "this credential reads another organization", False, here
         )
-    builder = OrgPageBuilder(state.reads, state.meters, state.meter_usage, state.crossings)
-    page = await builder.build(org, key, utc_now())
-    return HTMLResponse(render("org.html", page=page), headers=_headers(state))
+
+    async def build() -> str:
+        builder = OrgPageBuilder(state.reads, state.meters, state.meter_usage, state.crossings)
+        return render("org.html", page=await builder.build(org, key, utc_now()))
+
+    html = await state.pages.get((org, key.meters), build)
+    return HTMLResponse(html, headers=_headers(state))
 
 
 @router.get("/", response_class=HTMLResponse)

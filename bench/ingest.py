@@ -1,80 +1,54 @@
-"""Ingestion benchmark: Kafka -> `metering consume` -> Postgres, against raw COPY.
+"""Ingestion benchmark: Kafka -> `metering consume` -> Postgres, against the consumer a
+user would write by hand (issue 38), on the same topic and events, in the same run.
 
-    .venv/bin/python -m bench.ingest [--events 1000000] [--orgs 1000] [--duplicates 0.05]
+    .venv/bin/python -m bench.ingest [--events 1000000] [--orgs 1000] [--duplicates 0.05] [--runs 1]
 
+Per run:
 1. publishes M synthetic events (5% re-sent duplicates) to a fresh topic, before timing;
 2. starts `metering consume` and measures sustained ingestion from the first to the last
    committed batch (the `received_at` of the rows is their transaction's start time; the
-   last batch's duration is added from the wall clock);
-3. in the same run, COPYs the same rows into a fresh copy of the same table (migration 001
-   applied in a separate schema, with the indexes public.usage_events has now: same
-   partitions, same indexes) and times it;
-4. prints both rates, their ratio, and the consumer's peak RSS;
-5. reads the same topic once more with a bare aiokafka consumer that does nothing with the
-   messages: the most any consumer built on aiokafka (FastStream's is) could do here;
-6. prints the ceiling of ANY exactly-once pipeline on this machine, from CPU measured in
-   this run: per stored event, the least work such a pipeline cannot skip (read each
-   message from Kafka, client and broker; validate it with pydantic, as the issue asks;
-   write the row as COPY does; keep its (org_id, id) in a unique index, as COPY into the
-   dedupe table does), spread perfectly over every core. Nothing else is counted (no
-   FastStream, no encoding of rows for Postgres, no commits, no duplicate handling), so the
-   real ceiling is lower still. A ceiling ratio below the target means the target cannot
-   be met here by any consumer built this way.
+   last batch's duration is added from the wall clock), with the CPU per stored event of
+   the consumer, PostgreSQL and Kafka from the first stored row to the last, and the
+   consumer's peak RSS;
+3. runs the hand-written peer (`bench/peer_consumer.py`: aiokafka getmany, a plain pydantic
+   model's `model_validate_json`, COPY into a temporary table + INSERT ... ON CONFLICT (org_id,
+   id) DO NOTHING, offsets committed after) on the same topic with a group of its own, after
+   a CHECKPOINT, with the same CPU accounting;
+4. prints both rates, their ratio (pipeline / peer; issue 38's target: ≥ 1.3) and the CPU
+   per event of each process.
+
+The earlier comparison with raw COPY and the ceiling of any exactly-once pipeline are a
+decision record now (docs/decisions/0006-ingest-ceiling.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import psutil
-from aiokafka import AIOKafkaConsumer
 
 from bench.common import (
+    ROOT,
     fresh_environment,
     machine,
     peak_rss_mib,
     publish_fast,
+    record_result,
     start_metering,
     synthetic_events,
 )
 from metering.config import Settings
-from metering.models import parse_event, utc_now
-from metering.storage.migrations import bundled_migrations
-
-COPY_COLUMNS = [
-    "org_id",
-    "event_id",
-    "event_type",
-    "user_id",
-    "quantity",
-    "occurred_at",
-    "metadata",
-    "source_partition",
-    "source_offset",
-]
-
 
 STORED_SO_FAR = "SELECT coalesce(sum(events), 0) FROM ingest_batches"
-# The baseline table gets exactly the indexes public.usage_events has after every migration
-# (008 replaced 001's BRIN index on ingest_xid by a btree). The definitions come from the
-# catalog; "ON ONLY" is dropped so that each index is built on every partition too.
-COPY_TABLE_INDEXES = r"""
-SELECT regexp_replace(pg_get_indexdef(indexrelid),
-                      ' ON (ONLY )?public\.usage_events ', ' ON copybench.usage_events ')
-FROM pg_index WHERE indrelid = 'public.usage_events'::regclass
-"""
-BASELINE_OWN_INDEXES = """
-SELECT indexrelid::regclass::text FROM pg_index
-WHERE indrelid = 'copybench.usage_events'::regclass
-"""
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -107,77 +81,56 @@ def cpu_seconds_by_role(consumer_pids: list[int]) -> dict[str, float]:
     return totals
 
 
-def validation_cpu_us(values: list[bytes], settings: Settings) -> float:
-    """CPU µs per message of `parse_event` (JSON decoding and pydantic validation), the
-    consumer's own check, over `values` in this process."""
-    now = utc_now()
-    started = time.process_time()
-    for value in values:
-        parse_event(
-            value,
-            now=now,
-            lateness_window=settings.lateness_window,
-            future_tolerance=settings.future_tolerance,
-        )
-    return (time.process_time() - started) / len(values) * 1e6
-
-
-@dataclass(frozen=True)
-class KafkaRead:
-    messages_per_s: float
-    client_cpu_us: float  # per message, this process
-    broker_cpu_us: float  # per message, the Kafka broker
-
-
-@dataclass(frozen=True)
-class Ceiling:
-    """The least CPU per stored event any exactly-once pipeline spends here, and what it
-    allows on `cores` cores."""
-
-    per_event_us: dict[str, float]
-    cores: int
-
-    @property
-    def events_per_s(self) -> float:
-        return self.cores / sum(self.per_event_us.values()) * 1e6
-
-
-async def kafka_read_rate(bootstrap: str, topic: str, count: int) -> KafkaRead:
-    """A bare aiokafka consumer reading `count` messages of `topic`: its rate and the CPU
-    it and the broker spent per message."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+async def run_peer(settings: Settings, events: int) -> dict[str, float]:
+    """The hand-written peer on the events topic (a group of its own): its rate and the CPU
+    per stored event of it, PostgreSQL and Kafka, from its first committed batch on."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.peer_consumer",
+        "--dsn",
+        settings.database_url.get_secret_value(),
+        "--bootstrap",
+        settings.kafka_bootstrap_servers,
+        "--topic",
+        settings.events_topic,
+        "--group",
+        f"{settings.consumer_group}-peer",
+        "--messages",
+        str(events),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
     )
-    await consumer.start()
-    try:
-        started = time.perf_counter()
-        cpu_from = time.process_time()
-        broker_from = cpu_seconds_by_role([])["kafka"]
-        seen = 0
-        while seen < count:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-            seen += sum(len(messages) for messages in batches.values())
-        return KafkaRead(
-            seen / (time.perf_counter() - started),
-            (time.process_time() - cpu_from) / seen * 1e6,
-            (cpu_seconds_by_role([])["kafka"] - broker_from) / seen * 1e6,
-        )
-    finally:
-        await consumer.stop()
+    assert process.stdout is not None
+    cpu_from: dict[str, float] | None = None
+    summary: dict[str, float] = {}
+    async for line in process.stdout:
+        text = line.decode().strip()
+        if text.startswith("first "):
+            cpu_from = cpu_seconds_by_role([process.pid])
+        elif text.startswith("{"):
+            summary = json.loads(text)
+            cpu_to = cpu_seconds_by_role([process.pid])
+    if await process.wait() != 0 or cpu_from is None or not summary:
+        sys.exit("the peer consumer failed")
+    after = summary["stored_after_first_batch"]
+    per_event = {
+        role: (cpu_to[role] - cpu_from[role]) / after * 1e6 for role in ("postgres", "kafka")
+    }
+    per_event["peer"] = summary["cpu_seconds_after_first_batch"] / after * 1e6
+    return {
+        "stored": summary["stored"],
+        "rate": summary["stored"] / summary["seconds"],
+        **{f"cpu_us_{role}": us for role, us in per_event.items()},
+    }
 
 
-async def main(
+async def one_run(
     events: int, orgs: int, duplicates: float, batch_size: int, consumer_count: int
 ) -> dict[str, float]:
     settings = await fresh_environment("metering_bench")
     settings = settings.model_copy(update={"consumer_batch_size": batch_size})
     dsn = settings.database_url.get_secret_value()
-    print(f"machine: {machine()}", flush=True)
     messages, distinct = synthetic_events(events, orgs, duplicates)
     started = time.perf_counter()
     await publish_fast(settings, messages)
@@ -187,8 +140,6 @@ async def main(
         f"({events / publish_seconds:,.0f}/s)",
         flush=True,
     )
-    # A sample of the very messages, for the in-process validation cost of the ceiling.
-    sample = [value for _, value in messages[:: max(1, len(messages) // 100_000)]]
     del messages
 
     conn = await asyncpg.connect(dsn)
@@ -232,102 +183,65 @@ async def main(
     # received_at is the start of each batch's transaction; the last one ended before we saw it.
     pipeline_seconds = min(float(last) + 0.25, done_wall) - float(first)
     pipeline_rate = stored / pipeline_seconds
-
-    # Raw COPY of the same rows into a fresh copy of the same table.
-    await conn.execute("DROP SCHEMA IF EXISTS copybench CASCADE; CREATE SCHEMA copybench")
-    core = next(m for m in bundled_migrations() if m.name.startswith("001"))
-    await conn.execute("SET search_path = copybench, public")
-    await conn.execute(core.sql)
-    for (index,) in await conn.fetch(BASELINE_OWN_INDEXES):
-        await conn.execute(f"DROP INDEX {index}")
-    for (definition,) in await conn.fetch(COPY_TABLE_INDEXES):
-        await conn.execute(definition)
-    rows = await conn.fetch(f"SELECT {', '.join(COPY_COLUMNS)} FROM public.usage_events")
-    records = [tuple(r) for r in rows]
-    del rows
-    await conn.execute("CHECKPOINT")
-    backend = conn.get_server_pid()
-    server_from, client_from = process_cpu_seconds(backend), time.process_time()
-    started = time.perf_counter()
-    await conn.copy_records_to_table(
-        "usage_events", schema_name="copybench", records=records, columns=COPY_COLUMNS
-    )
-    copy_seconds = time.perf_counter() - started
-    copy_server_us = (process_cpu_seconds(backend) - server_from) / len(records) * 1e6
-    copy_client_us = (time.process_time() - client_from) / len(records) * 1e6
-    copy_rate = len(records) / copy_seconds
-    # The least a unique (org_id, id) costs: COPY of the keys into a fresh dedupe table.
-    keys = [(record[0], record[1]) for record in records]
-    del records
-    server_from = process_cpu_seconds(backend)
-    await conn.copy_records_to_table(
-        "usage_event_ids", schema_name="copybench", records=keys, columns=["org_id", "event_id"]
-    )
-    claim_server_us = (process_cpu_seconds(backend) - server_from) / len(keys) * 1e6
-    await conn.execute("DROP SCHEMA copybench CASCADE")
+    assert cpu_from is not None and stored > cpu_from[0]
+    measured = stored - cpu_from[0]
+    pipeline_cpu = {role: (cpu_to[role] - cpu_from[1][role]) / measured * 1e6 for role in cpu_to}
+    await conn.execute("CHECKPOINT")  # the peer starts from a clean checkpoint too
     await conn.close()
-    read = await kafka_read_rate(settings.kafka_bootstrap_servers, settings.events_topic, events)
-    validation_us = validation_cpu_us(sample, settings)
-    per_message = events / distinct  # every message is read and validated, duplicates too
-    ceiling = Ceiling(
-        {
-            "Kafka read (client)": read.client_cpu_us * per_message,
-            "Kafka read (broker)": read.broker_cpu_us * per_message,
-            "validation": validation_us * per_message,
-            "row, as COPY writes it": copy_server_us,
-            "unique (org_id, id), as COPY writes it": claim_server_us,
-        },
-        psutil.cpu_count() or 1,
-    )
+
+    peer = await run_peer(settings, events)
+    if peer["stored"] != distinct:
+        sys.exit(f"the peer stored {peer['stored']:,} events, expected {distinct:,}")
     result = {
         "events": events,
         "distinct": distinct,
-        "pipeline_events_per_s": pipeline_rate,
-        "copy_rows_per_s": copy_rate,
-        "ratio": pipeline_rate / copy_rate,
-        "consumer_peak_rss_mib": rss,
-        "kafka_read_only_per_s": read.messages_per_s,
-        "ceiling_events_per_s": ceiling.events_per_s,
-        "ceiling_ratio": ceiling.events_per_s / copy_rate,
+        "pipeline_events_per_s": round(pipeline_rate),
+        "peer_events_per_s": round(peer["rate"]),
+        "ratio": round(pipeline_rate / peer["rate"], 3),
+        "consumer_peak_rss_mib": round(rss, 1),
+        "pipeline_cpu_us": {k: round(v, 1) for k, v in pipeline_cpu.items()},
+        "peer_cpu_us": {
+            "peer": round(peer["cpu_us_peer"], 1),
+            "postgres": round(peer["cpu_us_postgres"], 1),
+            "kafka": round(peer["cpu_us_kafka"], 1),
+        },
     }
     print(
-        f"pipeline (Kafka -> consumer -> Postgres): {stored:,} events in {pipeline_seconds:.2f}s = "
-        f"{pipeline_rate:,.0f} events/s"
+        f"pipeline (Kafka -> metering consume -> Postgres): {pipeline_rate:,.0f} events/s; "
+        f"CPU per stored event: "
+        + ", ".join(f"{role} {us:.1f} µs" for role, us in pipeline_cpu.items())
+        + f"; peak RSS {rss:.0f} MiB"
     )
     print(
-        f"raw COPY of the same rows into a fresh copy of usage_events: {copy_seconds:.2f}s = "
-        f"{copy_rate:,.0f} rows/s"
+        f"hand-written peer (COPY loop): {peer['rate']:,.0f} events/s; CPU per stored event: "
+        f"peer {peer['cpu_us_peer']:.1f} µs, postgres {peer['cpu_us_postgres']:.1f} µs, "
+        f"kafka {peer['cpu_us_kafka']:.1f} µs"
     )
-    print(f"ratio pipeline/COPY: {result['ratio']:.2f}")
-    print(f"consumer peak RSS: {rss:.0f} MiB (max over {consumer_count} consumer processes)")
-    if cpu_from is not None and stored > cpu_from[0]:
-        measured_events = stored - cpu_from[0]
-        per_event = {
-            role: (cpu_to[role] - cpu_from[1][role]) / measured_events * 1e6 for role in cpu_to
-        }
-        result["cpu_us_per_event"] = sum(per_event.values())
-        print(
-            "CPU per stored event (user + system, from the first stored row to the last): "
-            + ", ".join(f"{role} {us:.1f} µs" for role, us in per_event.items())
-            + f"; total {sum(per_event.values()):.1f} µs on {psutil.cpu_count()} cores"
-        )
-    print(
-        f"a bare aiokafka consumer reading the same topic, doing nothing with it: "
-        f"{read.messages_per_s:,.0f} messages/s = {read.messages_per_s / copy_rate:.2f} "
-        f"of the COPY rate"
-    )
-    print(
-        f"COPY's CPU per row: server {copy_server_us:.1f} µs, client (asyncpg encoding) "
-        f"{copy_client_us:.1f} µs"
-    )
-    print(
-        "ceiling of any exactly-once pipeline here, CPU per stored event that none can skip: "
-        + ", ".join(f"{part} {us:.1f} µs" for part, us in ceiling.per_event_us.items())
-        + f"; total {sum(ceiling.per_event_us.values()):.1f} µs on {ceiling.cores} cores"
-        f" = at most {ceiling.events_per_s:,.0f} events/s"
-        f" = ratio {result['ceiling_ratio']:.2f}"
-    )
+    print(f"ratio pipeline / peer: {pipeline_rate / peer['rate']:.2f} (target ≥ 1.3)", flush=True)
     return result
+
+
+async def main(
+    events: int, orgs: int, duplicates: float, batch_size: int, consumer_count: int, runs: int
+) -> None:
+    print(f"machine: {machine()}", flush=True)
+    results = []
+    for run in range(runs):
+        print(f"run {run + 1} of {runs}", flush=True)
+        results.append(await one_run(events, orgs, duplicates, batch_size, consumer_count))
+        record_result(
+            "ingest",
+            f"python -m bench.ingest --events {events} --orgs {orgs} --runs {runs}",
+            results[-1],
+        )
+    if runs > 1:
+        ratios = sorted(r["ratio"] for r in results)
+        print(
+            f"median of {runs} runs: pipeline "
+            f"{statistics.median(r['pipeline_events_per_s'] for r in results):,.0f}, peer "
+            f"{statistics.median(r['peer_events_per_s'] for r in results):,.0f} events/s; "
+            f"ratio {statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+        )
 
 
 if __name__ == "__main__":
@@ -339,5 +253,8 @@ if __name__ == "__main__":
     parser.add_argument("--duplicates", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--consumers", type=int, default=1, help="consumer processes in the group")
+    parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.orgs, args.duplicates, args.batch_size, args.consumers))
+    asyncio.run(
+        main(args.events, args.orgs, args.duplicates, args.batch_size, args.consumers, args.runs)
+    )

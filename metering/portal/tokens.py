@@ -70,12 +70,11 @@ def lifetime_of(expires_in: int | None) -> timedelta:
     outside 60 s .. 24 h."""
     if expires_in is None:
         return DEFAULT_LIFETIME
-    lifetime = timedelta(seconds=expires_in)
-    if not MIN_LIFETIME <= lifetime <= MAX_LIFETIME:
+    if not MIN_LIFETIME.total_seconds() <= expires_in <= MAX_LIFETIME.total_seconds():
         raise InvalidPortalToken(
             "expires_in", "seconds between 60 and 86400 (24 hours); default 3600"
         )
-    return lifetime
+    return timedelta(seconds=expires_in)
 
 
 @dataclass(frozen=True)

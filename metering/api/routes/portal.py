@@ -24,7 +24,7 @@ class PortalTokenIn(BaseModel):
         examples=[["api_call", "ai_tokens_by_model"]],
     )
     expires_in: int | None = Field(
-        default=None, description="seconds, 60 to 86400 (default 3600)", examples=[3600]
+        default=None, ge=60, le=86400, description="seconds (default 3600)", examples=[3600]
     )
 
 

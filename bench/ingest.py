@@ -28,10 +28,12 @@ import asyncio
 import json
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
@@ -81,7 +83,38 @@ def cpu_seconds_by_role(consumer_pids: list[int]) -> dict[str, float]:
     return totals
 
 
-async def run_peer(settings: Settings, events: int) -> dict[str, float]:
+def start_profile(pid: int, out: Path | None) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling `pid` 200 times a second into `out` (raw stacks), when asked."""
+    if out is None:
+        return None
+    return subprocess.Popen(
+        [
+            str(ROOT / ".venv" / "bin" / "py-spy"),
+            "record",
+            "-p",
+            str(pid),
+            "-r",
+            "200",
+            "-f",
+            "raw",
+            "-o",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
+
+
+async def run_peer(
+    settings: Settings, events: int, profile: Path | None = None
+) -> dict[str, float]:
     """The hand-written peer on the events topic (a group of its own): its rate and the CPU
     per stored event of it, PostgreSQL and Kafka, from its first committed batch on."""
     process = await asyncio.create_subprocess_exec(
@@ -104,13 +137,16 @@ async def run_peer(settings: Settings, events: int) -> dict[str, float]:
     assert process.stdout is not None
     cpu_from: dict[str, float] | None = None
     summary: dict[str, float] = {}
+    profiler = None
     async for line in process.stdout:
         text = line.decode().strip()
         if text.startswith("first "):
             cpu_from = cpu_seconds_by_role([process.pid])
+            profiler = start_profile(process.pid, profile)
         elif text.startswith("{"):
             summary = json.loads(text)
             cpu_to = cpu_seconds_by_role([process.pid])
+            stop_profile(profiler)
     if await process.wait() != 0 or cpu_from is None or not summary:
         sys.exit("the peer consumer failed")
     after = summary["stored_after_first_batch"]
@@ -126,8 +162,13 @@ async def run_peer(settings: Settings, events: int) -> dict[str, float]:
 
 
 async def one_run(
-    events: int, orgs: int, duplicates: float, batch_size: int, consumer_count: int
-) -> dict[str, float]:
+    events: int,
+    orgs: int,
+    duplicates: float,
+    batch_size: int,
+    consumer_count: int,
+    profile: Path | None = None,
+) -> dict[str, Any]:
     settings = await fresh_environment("metering_bench")
     settings = settings.model_copy(update={"consumer_batch_size": batch_size})
     dsn = settings.database_url.get_secret_value()
@@ -152,6 +193,7 @@ async def one_run(
         stored = 0
         last_report = time.monotonic()
         cpu_from: tuple[int, dict[str, float]] | None = None
+        profiler = None
         while stored < distinct:
             await asyncio.sleep(0.25)
             if any(c.poll() is not None for c in consumers):
@@ -162,11 +204,15 @@ async def one_run(
             if cpu_from is None and stored:
                 # from the first stored rows on: the consumers' start-up is not ingestion
                 cpu_from = (stored, cpu_seconds_by_role([c.pid for c in consumers]))
+                profiler = start_profile(
+                    consumers[0].pid, None if profile is None else profile / "consumer.txt"
+                )
             if time.monotonic() - last_report > 5:
                 print(f"  ... {stored:,} / {distinct:,} stored", flush=True)
                 last_report = time.monotonic()
         done_wall = time.time()
         cpu_to = cpu_seconds_by_role([c.pid for c in consumers])
+        stop_profile(profiler)
         rss = max(peak_rss_mib(c.pid) for c in consumers)
     finally:
         for consumer in consumers:
@@ -189,7 +235,7 @@ async def one_run(
     await conn.execute("CHECKPOINT")  # the peer starts from a clean checkpoint too
     await conn.close()
 
-    peer = await run_peer(settings, events)
+    peer = await run_peer(settings, events, None if profile is None else profile / "peer.txt")
     if peer["stored"] != distinct:
         sys.exit(f"the peer stored {peer['stored']:,} events, expected {distinct:,}")
     result = {
@@ -218,17 +264,29 @@ async def one_run(
         f"kafka {peer['cpu_us_kafka']:.1f} µs"
     )
     print(f"ratio pipeline / peer: {pipeline_rate / peer['rate']:.2f} (target ≥ 1.3)", flush=True)
+    if profile is not None:
+        from bench.profile_split import main as split
+
+        for name, count in (("consumer", measured), ("peer", peer["stored"])):
+            print(f"-- {name}: py-spy samples by part (events counted: {count:,.0f})")
+            split(profile / f"{name}.txt", int(count), 200)
     return result
 
 
 async def main(
-    events: int, orgs: int, duplicates: float, batch_size: int, consumer_count: int, runs: int
+    events: int,
+    orgs: int,
+    duplicates: float,
+    batch_size: int,
+    consumer_count: int,
+    runs: int,
+    profile: Path | None,
 ) -> None:
     print(f"machine: {machine()}", flush=True)
     results = []
     for run in range(runs):
         print(f"run {run + 1} of {runs}", flush=True)
-        results.append(await one_run(events, orgs, duplicates, batch_size, consumer_count))
+        results.append(await one_run(events, orgs, duplicates, batch_size, consumer_count, profile))
         record_result(
             "ingest",
             f"python -m bench.ingest --events {events} --orgs {orgs} --runs {runs}",
@@ -254,7 +312,23 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--consumers", type=int, default=1, help="consumer processes in the group")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="a directory: py-spy the consumer and the peer, and split their time by part",
+    )
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     asyncio.run(
-        main(args.events, args.orgs, args.duplicates, args.batch_size, args.consumers, args.runs)
+        main(
+            args.events,
+            args.orgs,
+            args.duplicates,
+            args.batch_size,
+            args.consumers,
+            args.runs,
+            args.profile,
+        )
     )

@@ -36,8 +36,19 @@ from typing import NamedTuple
 import asyncpg
 
 from bench.common import fresh_environment, machine
-from bench.ingest import COPY_COLUMNS
 from metering.storage.events import STORE_NEW_EVENTS
+
+COPY_COLUMNS = [
+    "org_id",
+    "event_id",
+    "event_type",
+    "user_id",
+    "quantity",
+    "occurred_at",
+    "metadata",
+    "source_partition",
+    "source_offset",
+]
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 EVENT_TYPES = ["api_call", "record_created", "automation_run", "ai_tokens_used"]

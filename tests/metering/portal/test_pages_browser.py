@@ -17,6 +17,7 @@ import asyncpg
 import httpx
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
 
 from metering.portal.charts import exact
 from tests.conftest import ROOT, Server
@@ -238,7 +239,8 @@ async def test_the_overview_after_signing_in(  # type: ignore[no-untyped-def]
     severe_console_entries(chromium)  # the 401 of the sign-in page itself
     driver.find_element(By.NAME, "key").send_keys(admin)
     driver.find_element(By.CSS_SELECTOR, "form.signin button").click()
-    assert driver.find_element(By.ID, "ingestion")
+    # the form's post answers 303 to `/`: wait for that page
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "ingestion"))
     assert driver.find_element(By.ID, "dead-letters")
     assert driver.find_element(By.ID, "aggregation")
     assert driver.find_element(By.ID, "webhooks")
@@ -250,5 +252,6 @@ async def test_the_overview_after_signing_in(  # type: ignore[no-untyped-def]
     driver.set_window_size(1280, min(int(height) + 40, 4000))
     chromium.save("overview")
     near[0].find_element(By.TAG_NAME, "a").click()  # the cookie opens the org's page too
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "org-id"))
     assert driver.find_element(By.ID, "org-id").text == str(history.org)
     driver.delete_all_cookies()

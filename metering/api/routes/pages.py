@@ -164,19 +164,16 @@ async def sign_out() -> Response:
     return response
 
 
+def _asset(body: bytes, media_type: str, seconds: int) -> Response:
+    headers = {"Cache-Control": f"public, max-age={seconds}", "X-Content-Type-Options": "nosniff"}
+    return Response(body, media_type=media_type, headers=headers)
+
+
 @router.get("/static/pages.css")
 async def stylesheet() -> Response:
-    return Response(
-        STYLESHEET,
-        media_type="text/css",
-        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"},
-    )
+    return _asset(STYLESHEET, "text/css", 3600)
 
 
 @router.get("/static/favicon.svg")
 async def favicon() -> Response:
-    return Response(
-        FAVICON,
-        media_type="image/svg+xml",
-        headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},
-    )
+    return _asset(FAVICON, "image/svg+xml", 86400)

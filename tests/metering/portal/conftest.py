@@ -25,6 +25,7 @@ from metering.metrics import AggregatorMetrics
 from metering.models import UsageEvent
 from metering.storage.events import EventStore, IncomingEvent
 from tests.conftest import ROOT
+from tests.metering.api.test_meter_usage import settle
 
 ZONE = "Europe/Berlin"
 ARTIFACTS = ROOT / "build" / "screenshots"
@@ -47,14 +48,6 @@ def cycle_anchor(today: date) -> date:
     """An anchor whose cycle began about ten days before `today` (day <= 28: no clamping)."""
     began = today - timedelta(days=10)
     return began if began.day <= 28 else began.replace(day=28)
-
-
-async def settle(aggregator: Aggregator) -> None:
-    for _ in range(1000):
-        result = await aggregator.run_once(publish=False)
-        if result.events == 0 and not aggregator.backfilling:
-            return
-    raise AssertionError("the aggregator never settled")
 
 
 @pytest.fixture

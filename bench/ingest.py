@@ -59,10 +59,6 @@ def cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    return cpu_seconds(psutil.Process(pid))
-
-
 def cpu_seconds_by_role(consumer_pids: list[int]) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the consumers, by every PostgreSQL process
     (backends, WAL writer, checkpointer, autovacuum) and by the Kafka broker."""

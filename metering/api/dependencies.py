@@ -32,13 +32,20 @@ async def credential(request: Request, presented: str) -> ApiKey:
     return key
 
 
+def bearer_of(request: Request) -> str | None:
+    """The credential of `Authorization: Bearer <credential>`, or None without one."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None
+    return presented.strip()
+
+
 async def api_key(request: Request) -> ApiKey:
     """The key of `Authorization: Bearer <key>`; 401 when absent, unknown or revoked."""
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
+    presented = bearer_of(request)
+    if presented is None:
         raise ApiError(401, "unauthenticated", "send Authorization: Bearer <key>")
-    return await credential(request, presented.strip())
+    return await credential(request, presented)
 
 
 def scoped(scope: str, portal: bool = False) -> Callable[..., Awaitable[ApiKey]]:

@@ -22,7 +22,7 @@ from metering.meters.usage_store import MeterUsageStore
 from metering.partitioner import OrgKeyPartitioner
 from metering.portal.overview import MetricsSampler
 from metering.portal.page_cache import PageCache
-from metering.portal.tokens import PortalTokenStore
+from metering.portal.tokens import PortalTokenStore, hidden_limits
 from metering.storage.audit import AuditLog
 from metering.storage.keys import ApiKey, KeyStore
 from metering.storage.pool import create_pool
@@ -67,11 +67,7 @@ class AppState:
         portal token with a list of meters has any)."""
         if key.meters is None:
             return frozenset()
-        return frozenset(
-            m.row["limit_key"]
-            for m in await self.meters.list()
-            if m.row["limit_key"] is not None and not key.may_read_meter(m.key)
-        )
+        return hidden_limits(key, await self.meters.list())
 
 
 def lifespan_for(

@@ -29,8 +29,7 @@ def exact(value: Decimal) -> str:
 def readable(value: Decimal) -> str:
     """A decimal for people: thousands separated, at most 3 decimals shown."""
     rounded = value.quantize(Decimal("0.001")) if value != value.to_integral() else value
-    text = format(rounded.normalize(), ",f")
-    return text
+    return format(rounded.normalize(), ",f")
 
 
 def compact(value: Decimal) -> str:

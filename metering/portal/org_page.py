@@ -14,11 +14,13 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from metering.limits.crossings import Crossing, CrossingStore
 from metering.meters.store import Meter, MeterStore
 from metering.meters.usage_store import MeterUsageStore, UsageAnswer
 from metering.portal.charts import DayChart, day_chart, days_of, exact, readable
+from metering.portal.tokens import hidden_limits
 from metering.storage.keys import ApiKey
 from metering.storage.reads import ReadStore, exact_json
 
@@ -155,8 +157,6 @@ class OrgPage:
     generated_at: datetime
 
     def local(self, moment: datetime) -> str:
-        from zoneinfo import ZoneInfo
-
         return moment.astimezone(ZoneInfo(self.timezone)).strftime("%Y-%m-%d %H:%M")
 
 
@@ -180,11 +180,7 @@ class OrgPageBuilder:
             self._reads.current_period(org_id), self._meters.list()
         )
         shown = [m for m in meters if m.status != "archived" and key.may_read_meter(m.key)]
-        hidden = frozenset(
-            m.row["limit_key"]
-            for m in meters
-            if m.row["limit_key"] is not None and not key.may_read_meter(m.key)
-        )
+        hidden = hidden_limits(key, meters)
         entitlement_texts, crossings = await asyncio.gather(
             self._reads.entitlements_json(org_id, hidden),
             self._crossings.recent(org_id, RECENT_CROSSINGS, hidden),

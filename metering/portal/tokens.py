@@ -15,12 +15,14 @@ import hmac
 import secrets
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
 
 from metering.errors import MeteringError
+from metering.meters.store import Meter
 from metering.storage.audit import AuditLog
 from metering.storage.keys import ApiKey
 
@@ -46,6 +48,16 @@ UNKNOWN_METERS = """
 SELECT array_agg(wanted ORDER BY wanted) FROM unnest($1::text[]) AS wanted
 WHERE NOT EXISTS (SELECT 1 FROM meters WHERE key = wanted AND status <> 'archived')
 """
+
+
+def hidden_limits(key: ApiKey, meters: Iterable[Meter]) -> frozenset[str]:
+    """The limits `key` may not see: those counted by a meter it may not read (only a
+    portal token with a list of meters has any)."""
+    return frozenset(
+        m.row["limit_key"]
+        for m in meters
+        if m.row["limit_key"] is not None and not key.may_read_meter(m.key)
+    )
 
 
 class InvalidPortalToken(MeteringError):

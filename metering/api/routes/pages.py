@@ -16,7 +16,7 @@ from uuid import UUID
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from metering.api.dependencies import credential
+from metering.api.dependencies import bearer_of, credential
 from metering.api.errors import ApiError
 from metering.api.state import AppState, state_of
 from metering.models import utc_now
@@ -52,10 +52,9 @@ def _message(
 async def _page_key(request: Request) -> ApiKey | None:
     """The credential of this page request (see the module's docstring); None without
     one; ApiError (401) for an unknown, revoked or expired one."""
-    header = request.headers.get("authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() == "bearer" and presented.strip():
-        return await credential(request, presented.strip())
+    presented = bearer_of(request)
+    if presented is not None:
+        return await credential(request, presented)
     token = request.query_params.get("token")
     if token:
         if not token.startswith(f"{TOKEN_PREFIX}_"):
